@@ -1,0 +1,131 @@
+"""Aggregation rules and Byzantine attacks: hyperparameters only (no torch import here).
+
+Every robust rule takes ``f``, the number of Byzantine workers it tolerates; ``validate_for(n)``
+refuses an ``f`` the rule cannot tolerate with ``n`` workers.
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from algorithms._config import StrictModel
+
+
+class RuleBase(StrictModel):
+    name: str
+    f: int = Field(default=0, ge=0)
+
+    def max_f(self, n: int) -> int:
+        """The largest f this rule tolerates with n workers."""
+        return (n - 1) // 2
+
+    def validate_for(self, n: int) -> None:
+        if self.f > self.max_f(n):
+            raise ValueError(
+                f"aggregator {self.name!r} tolerates at most f={max(self.max_f(n), 0)} "
+                f"Byzantine workers out of num_workers={n} (got f={self.f})"
+            )
+
+
+class MeanConfig(RuleBase):
+    name: Literal["mean"]
+
+    def max_f(self, n: int) -> int:
+        return 0
+
+
+class MedianConfig(RuleBase):
+    name: Literal["median"]
+
+
+class TrimmedMeanConfig(RuleBase):
+    name: Literal["trimmed_mean"]
+
+
+class KrumConfig(RuleBase):
+    name: Literal["krum"]
+
+    def max_f(self, n: int) -> int:  # n >= 2f + 3
+        return (n - 3) // 2
+
+
+class MultiKrumConfig(RuleBase):
+    name: Literal["multi_krum"]
+    m: int | None = Field(default=None, ge=1, description="selected gradients; default n - f")
+
+    def max_f(self, n: int) -> int:
+        return (n - 3) // 2
+
+    def validate_for(self, n: int) -> None:
+        super().validate_for(n)
+        if self.m is not None and self.m > n:
+            raise ValueError(f"multi_krum m={self.m} exceeds num_workers={n}")
+
+
+class BulyanConfig(RuleBase):
+    name: Literal["bulyan"]
+
+    def max_f(self, n: int) -> int:  # n >= 4f + 3
+        return (n - 3) // 4
+
+
+class GeometricMedianConfig(RuleBase):
+    name: Literal["geometric_median"]
+    max_iter: int = Field(default=100, ge=1, le=10_000)
+    eps: float = Field(default=1e-8, gt=0.0)
+    tol: float = Field(default=1e-6, gt=0.0)
+
+
+class FlagConfig(RuleBase):
+    name: Literal["flag"]
+    r: int | None = Field(default=None, ge=1, description="subspace dimension; default n - f")
+    max_iter: int = Field(default=5, ge=1, le=1000)
+    eps: float = Field(default=1e-8, gt=0.0)
+
+    def validate_for(self, n: int) -> None:
+        super().validate_for(n)
+        if self.r is not None and self.r > n:
+            raise ValueError(f"flag r={self.r} exceeds num_workers={n}")
+
+
+AggregatorConfig = Annotated[
+    MeanConfig
+    | MedianConfig
+    | TrimmedMeanConfig
+    | KrumConfig
+    | MultiKrumConfig
+    | BulyanConfig
+    | GeometricMedianConfig
+    | FlagConfig,
+    Field(discriminator="name"),
+]
+
+
+class SignFlipAttack(StrictModel):
+    name: Literal["sign_flip"]
+    scale: float = Field(default=1.0, gt=0.0)
+
+
+class GaussianAttack(StrictModel):
+    name: Literal["gaussian"]
+    std: float = Field(default=1.0, gt=0.0)
+
+
+class ALIEAttack(StrictModel):
+    name: Literal["alie"]
+    z: float | None = Field(default=None, description="deviations; default from the paper's formula")
+
+
+class IPMAttack(StrictModel):
+    name: Literal["ipm"]
+    epsilon: float = Field(default=0.1, gt=0.0)
+
+
+class LabelFlipAttack(StrictModel):
+    name: Literal["label_flip"]
+
+
+AttackConfig = Annotated[
+    SignFlipAttack | GaussianAttack | ALIEAttack | IPMAttack | LabelFlipAttack,
+    Field(discriminator="name"),
+]

@@ -1,0 +1,140 @@
+"""Model merging methods: hyperparameters only (no torch import here).
+
+Each model is the ``merge`` section of a spec with ``task.kind: merge``. The fields ``method``,
+``inputs`` and ``base`` say what is merged (the worker resolves them to modules); every other
+field is a hyperparameter of the method and goes to ``algorithms.merging.build`` as a keyword
+(see ``MergeBase.hparams``).
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from algorithms._config import StrictModel
+
+# Fields of the section that say *what* is merged or how the worker loads data; they are not
+# hyperparameters of the merger itself.
+_NOT_HPARAMS = frozenset({"method", "inputs", "base", "data_batches"})
+
+
+class MergeBase(StrictModel):
+    method: str
+    inputs: list[str] = Field(
+        min_length=2, description="run ids, MLflow model URIs (runs:/, models:/) or local paths"
+    )
+    base: str | None = None
+
+    def needs_base(self) -> bool:
+        return False
+
+    def needs_data(self) -> bool:
+        return False
+
+    def hparams(self) -> dict[str, object]:
+        """The keyword arguments of the method's builder."""
+        return {k: v for k, v in self.model_dump().items() if k not in _NOT_HPARAMS}
+
+
+class AverageConfig(MergeBase):
+    """Uniform or weighted mean of the inputs' parameters (weights are normalised to sum 1)."""
+
+    method: Literal["average"]
+    weights: list[Annotated[float, Field(ge=0.0)]] | None = None
+
+    @model_validator(mode="after")
+    def _weights_fit_inputs(self) -> "AverageConfig":
+        if self.weights is not None:
+            if len(self.weights) != len(self.inputs):
+                raise ValueError(
+                    f"weights: {len(self.weights)} given for {len(self.inputs)} inputs (one per input)"
+                )
+            if sum(self.weights) <= 0.0:
+                raise ValueError("weights: must not all be zero")
+        return self
+
+
+class TaskArithmeticConfig(MergeBase):
+    """Ilharco et al. 2023: theta = base + scaling * sum_t (theta_t - base)."""
+
+    method: Literal["task_arithmetic"]
+    scaling: float = Field(default=1.0, gt=0.0, le=10.0)
+
+    def needs_base(self) -> bool:
+        return True
+
+
+class TiesConfig(MergeBase):
+    """Yadav et al. 2023 (TIES-Merging): trim, elect sign, disjoint mean, then scale."""
+
+    method: Literal["ties"]
+    density: float = Field(default=0.2, gt=0.0, le=1.0, description="fraction of entries kept")
+    scaling: float = Field(default=1.0, gt=0.0, le=10.0)
+    trim_scope: Literal["global", "tensor"] = Field(
+        default="global",
+        description="top-density by magnitude over the whole task vector (paper) or per tensor (peft)",
+    )
+
+    def needs_base(self) -> bool:
+        return True
+
+
+class PleasConfig(MergeBase):
+    """Nasery et al. 2024 (PLeaS): partial permutation matching, then layer-wise least squares."""
+
+    method: Literal["pleas"]
+    target_width: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=2.0,
+        description="merged width of every hidden layer as a fraction of the inputs' width "
+        "(1.0 = same size, 2.0 = both models side by side; None = 1.0)",
+    )
+    data_free: bool = Field(
+        default=False,
+        description="the data is out-of-domain proxy data (PLeaS-free); with no data, "
+        "standard-normal inputs of input_shape are used",
+    )
+    data_batches: int = Field(default=8, ge=1, description="batches the worker passes to the merger")
+    ridge: float = Field(
+        default=1e-4, ge=0.0, le=1.0, description="ridge term, relative to the mean diagonal of X^T X"
+    )
+    propagate: bool = Field(
+        default=False,
+        description="fit each layer on the merged model's own inputs instead of the permuted "
+        "inputs of the originals (the paper's choice)",
+    )
+    input_shape: list[Annotated[int, Field(ge=1)]] | None = Field(
+        default=None, description="one example's shape, for data_free without data (e.g. [64])"
+    )
+    noise_samples: int = Field(default=512, ge=16, le=1_000_000)
+
+    def needs_data(self) -> bool:
+        return not self.data_free
+
+    @model_validator(mode="after")
+    def _two_inputs(self) -> "PleasConfig":
+        if len(self.inputs) != 2:
+            raise ValueError(f"inputs: pleas merges exactly 2 models, got {len(self.inputs)}")
+        return self
+
+
+class AtlasConfig(MergeBase):
+    """Zhang et al. 2024 (aTLAS): one learned coefficient per task vector and parameter block."""
+
+    method: Literal["atlas"]
+    steps: int = Field(default=100, ge=0, le=100_000)
+    lr: float = Field(default=1e-2, gt=0.0)
+    unlabelled: bool = Field(default=False, description="entropy minimisation instead of cross-entropy")
+    init: float | None = Field(default=None, description="initial coefficient; None = 1 / number of inputs")
+
+    def needs_base(self) -> bool:
+        return True
+
+    def needs_data(self) -> bool:
+        return self.steps > 0
+
+
+MergeConfig = Annotated[
+    AverageConfig | TaskArithmeticConfig | TiesConfig | PleasConfig | AtlasConfig,
+    Field(discriminator="method"),
+]

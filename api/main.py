@@ -1,0 +1,62 @@
+"""The FastAPI app: settings, database check, the control loop in the background, the routers."""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api.deps import AppState
+from api.errors import BodySizeLimit, install_error_handlers
+from api.routes import experiments, runs, system
+from service.control import ControlLoop
+from service.db import engine_for, require_migrated, session_factory
+from service.launcher import Launcher, RayJobLauncher
+from service.reconciler import Reconciler
+from service.scheduler import Scheduler
+from service.settings import Settings, get_settings
+from service.tracking import Tracker
+
+
+def build_state(settings: Settings, launcher: Launcher | None = None, tracker: Tracker | None = None) -> AppState:
+    url = settings.resolved_database_url
+    engine = engine_for(url)
+    require_migrated(engine, url)
+    sessions = session_factory(engine)
+    launcher = launcher or RayJobLauncher(settings.ray_address)
+    tracker = tracker or Tracker(settings.mlflow_tracking_uri, settings.mlflow_experiment_prefix)
+    control = None
+    if settings.background:
+        control = ControlLoop(
+            Scheduler(sessions, launcher, tracker, max_concurrent=settings.max_concurrent_runs,
+                      storage_path=settings.resolved_storage_path, job_python=settings.job_python),
+            Reconciler(sessions, launcher, tracker),
+            interval_s=min(settings.scheduler_interval_s, settings.reconciler_interval_s),
+        )
+    return AppState(settings=settings, sessions=sessions, launcher=launcher, tracker=tracker, control=control)
+
+
+def create_app(settings: Settings | None = None, *, launcher: Launcher | None = None,
+               tracker: Tracker | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    state = build_state(settings, launcher, tracker)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if state.control is not None:
+            state.control.start()
+        try:
+            yield
+        finally:
+            if state.control is not None:
+                state.control.stop()
+
+    app = FastAPI(title="Orchestra", version="0.1.0", lifespan=lifespan,
+                  description="Experiment orchestration for optimization research")
+    app.state.orchestra = state
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    for module in (system, experiments, runs):
+        app.include_router(module.router)
+    logging.getLogger("service").setLevel(logging.INFO)
+    return app

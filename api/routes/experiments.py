@@ -1,0 +1,75 @@
+"""/v1/experiments: submit (JSON or YAML, idempotent), list, read, cancel."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+
+from api.deps import AuthDep, SessionDep, StateDep
+from api.schemas import ErrorBody, ExperimentPage, ExperimentPublic
+from service.repo import experiments as exp_repo
+from service.repo import runs as runs_repo
+from service.spec.parse import load_document, validate_document
+
+router = APIRouter(prefix="/v1/experiments", tags=["experiments"], dependencies=[AuthDep])
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorBody}, 413: {"model": ErrorBody}, 422: {"model": ErrorBody},
+}
+
+
+@router.post("", status_code=201, response_model=ExperimentPublic, responses=_ERRORS,
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": {"type": "object"}},
+                 "application/yaml": {"schema": {"type": "string"}}}}})
+async def submit_experiment(
+    request: Request, response: Response, state: StateDep, session: SessionDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> ExperimentPublic:
+    """Validate the spec (JSON, or YAML with Content-Type application/yaml) and queue its run."""
+    raw = load_document(await request.body(), request.headers.get("content-type", "application/json"))
+    spec = validate_document(raw)
+    exp, created = exp_repo.create_experiment(session, spec=raw, resolved=spec.resolved(),
+                                              idempotency_key=idempotency_key)
+    if not created and exp.spec != raw:
+        raise HTTPException(409, "Idempotency-Key was already used with a different spec")
+    session.commit()
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    elif state.control is not None:
+        state.control.wake()
+    return ExperimentPublic.of(exp)
+
+
+@router.get("", response_model=ExperimentPage)
+def list_experiments(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    after: Annotated[str | None, Query(max_length=64, description="the `next` of the previous page")] = None,
+) -> ExperimentPage:
+    try:
+        items, nxt = exp_repo.list_experiments(session, limit=limit, after=after)
+    except KeyError:
+        raise HTTPException(400, f"after: no experiment {after!r}") from None
+    return ExperimentPage(items=[ExperimentPublic.of(e) for e in items], next=nxt)
+
+
+@router.get("/{experiment_id}", response_model=ExperimentPublic)
+def get_experiment(experiment_id: str, session: SessionDep) -> ExperimentPublic:
+    exp = exp_repo.get_experiment(session, experiment_id)
+    if exp is None:
+        raise HTTPException(404, f"no experiment {experiment_id!r}")
+    return ExperimentPublic.of(exp)
+
+
+@router.post("/{experiment_id}/cancel", status_code=202, response_model=ExperimentPublic)
+def cancel_experiment(experiment_id: str, state: StateDep, session: SessionDep) -> ExperimentPublic:
+    """Ask for every unfinished run to stop; the reconciler stops the Ray jobs and records it."""
+    if exp_repo.get_experiment(session, experiment_id) is None:
+        raise HTTPException(404, f"no experiment {experiment_id!r}")
+    runs_repo.request_cancel(session, experiment_id)
+    session.commit()
+    if state.control is not None:
+        state.control.wake()
+    exp = exp_repo.get_experiment(session, experiment_id)
+    assert exp is not None
+    return ExperimentPublic.of(exp)

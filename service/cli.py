@@ -1,0 +1,273 @@
+"""The ``orchestra`` command: run the stack (up, serve, db) and talk to the API (submit, list,
+status, logs, cancel)."""
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from service.client import ApiError, Client
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Orchestra: experiments on Ray, metrics in MLflow")
+db_app = typer.Typer(help="Database migrations")
+app.add_typer(db_app, name="db")
+
+ApiOpt = Annotated[str | None, typer.Option("--api", envvar="ORCHESTRA_API_URL", help="API base URL")]
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def _client(api: str | None) -> Client:
+    return Client(api)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+# ---- the stack --------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Migrate the database named by ORCHESTRA_DATABASE_URL (or the embedded SQLite one)."""
+    from service.db import upgrade
+    from service.settings import get_settings
+
+    url = get_settings().resolved_database_url
+    upgrade(url, revision)
+    typer.echo(f"database at revision {revision}: {url.split('@')[-1]}")
+
+
+# The app is named by string (uvicorn's factory), so this module does not import api/: the API
+# sits above the service in the dependency order, and the CLI only starts it.
+APP_FACTORY = "api.main:create_app"
+
+
+def _serve(host: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(APP_FACTORY, factory=True, host=host, port=port, log_level="warning", access_log=False)
+
+
+@app.command()
+def serve(port: Annotated[int, typer.Option(help="API port")] = 8000,
+          host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1") -> None:
+    """Run the API with its scheduler and reconciler against the services named by settings."""
+    from service.db import DatabaseNotMigrated, engine_for, require_migrated
+    from service.settings import get_settings
+
+    url = get_settings().resolved_database_url
+    try:
+        require_migrated(engine_for(url), url)
+    except DatabaseNotMigrated as exc:
+        _fail(str(exc))
+    _serve(host, port)
+
+
+@app.command()
+def up(
+    home: Annotated[Path, typer.Option(help="state folder (database, MLflow, logs)")] = Path.home() / ".orchestra",
+    port: Annotated[int, typer.Option(help="API port")] = 8000,
+    run: Annotated[Path | None, typer.Option(help="submit this spec once the stack is ready, and wait")] = None,
+    exit_after: Annotated[bool, typer.Option("--exit", help="stop the stack once --run finishes")] = False,
+    num_cpus: Annotated[int | None, typer.Option(help="logical CPUs for the local Ray head")] = None,
+) -> None:
+    """Start everything on this machine (SQLite, Ray head, MLflow, the API) until Ctrl-C."""
+    import uvicorn
+
+    from service.db import upgrade
+    from service.stack import Stack
+
+    home = home.expanduser().resolve()
+    stack = Stack(home=home, api_port=port, num_cpus=num_cpus)
+    stop = threading.Event()
+    server: uvicorn.Server | None = None
+    code = 0
+
+    def _on_signal(*_: Any) -> None:
+        stop.set()
+        if server is not None:
+            server.should_exit = True
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        typer.echo(f"orchestra: starting Ray and MLflow under {home} ...")
+        stack.start()
+        os.environ.update(stack.env())
+        upgrade(stack.database_url)
+        stack.wait_ready()
+        from service.settings import get_settings
+
+        get_settings.cache_clear()  # read once, now that the stack's settings are in the environment
+        server = uvicorn.Server(uvicorn.Config(APP_FACTORY, factory=True, host="127.0.0.1", port=port,
+                                               log_level="warning", access_log=False))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        api = f"http://127.0.0.1:{port}"
+        client = Client(api)
+        deadline = time.monotonic() + 120
+        while not client.ready() and time.monotonic() < deadline and thread.is_alive():
+            time.sleep(0.5)
+        typer.echo(f"orchestra: API {api} (docs {api}/docs) | Ray dashboard {stack.ray_address} | "
+                   f"MLflow {stack.mlflow_uri}")
+        if run is not None:
+            code = _submit_and_wait(client, run)
+            if exit_after:
+                stop.set()
+        if not exit_after:
+            typer.echo("orchestra: running; Ctrl-C stops every process started here")
+        while not stop.is_set() and thread.is_alive():
+            stop.wait(0.5)
+    finally:
+        if server is not None:
+            server.should_exit = True
+            time.sleep(0.5)
+        typer.echo("orchestra: stopping ...")
+        stack.stop()
+    raise typer.Exit(code)
+
+
+# ---- the client -------------------------------------------------------------------------------
+
+
+def _print_status(exp: dict[str, Any]) -> None:
+    runs = ", ".join(f"{r['id'][:8]}:{r['status']}" for r in exp["runs"])
+    typer.echo(f"{exp['id']}  {exp['name']:<28} {exp['status']:<10} runs: {runs}")
+
+
+def _final_report(client: Client, exp: dict[str, Any]) -> None:
+    info = client.info()
+    uri = info["mlflow_tracking_uri"]
+    for run in exp["runs"]:
+        if run.get("error"):
+            typer.secho(f"run {run['id']} error:\n{run['error']}", fg=typer.colors.RED)
+        if not run.get("mlflow_run_id"):
+            continue
+        try:
+            from mlflow.tracking import MlflowClient
+
+            mrun = MlflowClient(tracking_uri=uri).get_run(run["mlflow_run_id"])
+            typer.echo(f"MLflow run: {uri}/#/experiments/{mrun.info.experiment_id}/runs/{mrun.info.run_id}")
+            shown = {k: round(v, 5) for k, v in sorted(mrun.data.metrics.items())
+                     if k.startswith(("train/", "eval/", "perf/"))}
+            typer.echo("final metrics: " + json.dumps(shown))
+        except Exception as exc:  # MLflow down: the run itself is still reported
+            typer.echo(f"MLflow run {run['mlflow_run_id']} at {uri} ({exc})")
+
+
+def _wait(client: Client, experiment_id: str) -> dict[str, Any]:
+    last = ""
+    start = time.monotonic()
+    while True:
+        exp = client.experiment(experiment_id)
+        line = f"[{time.monotonic() - start:6.1f}s] {exp['name']}: {exp['status']}"
+        if sys.stdout.isatty():
+            typer.echo("\r" + line.ljust(60), nl=False)
+        elif exp["status"] != last:
+            typer.echo(line)
+        last = exp["status"]
+        if exp["status"] in TERMINAL:
+            if sys.stdout.isatty():
+                typer.echo("")
+            return exp
+        time.sleep(1.0)
+
+
+def _submit_and_wait(client: Client, path: Path) -> int:
+    try:
+        exp = client.submit(path.read_text(), yaml=path.suffix in (".yaml", ".yml"))
+    except ApiError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        return 2
+    typer.echo(f"submitted experiment {exp['id']} (run {exp['runs'][0]['id']})")
+    exp = _wait(client, exp["id"])
+    _final_report(client, exp)
+    return 0 if exp["status"] == "succeeded" else 1
+
+
+@app.command()
+def submit(file: Path, wait: Annotated[bool, typer.Option("--wait", help="wait for the end")] = False,
+           idempotency_key: Annotated[str | None, typer.Option()] = None, api: ApiOpt = None) -> None:
+    """Submit a spec (YAML or JSON)."""
+    client = _client(api)
+    if not file.exists():
+        _fail(f"no such file: {file}", 2)
+    if wait:
+        raise typer.Exit(_submit_and_wait(client, file))
+    try:
+        exp = client.submit(file.read_text(), yaml=file.suffix in (".yaml", ".yml"),
+                            idempotency_key=idempotency_key)
+    except ApiError as exc:
+        _fail(str(exc), 2)
+    _print_status(exp)
+
+
+@app.command("list")
+def list_(limit: int = 20, api: ApiOpt = None) -> None:
+    """List experiments, newest first."""
+    for exp in _client(api).experiments(limit=limit)["items"]:
+        _print_status(exp)
+
+
+@app.command()
+def status(id: str, api: ApiOpt = None) -> None:
+    """Status of an experiment (or of a run, by run id)."""
+    client = _client(api)
+    try:
+        exp = client.experiment(id)
+    except ApiError as exc:
+        if exc.status != 404:
+            _fail(str(exc))
+        try:
+            run = client.run(id)
+        except ApiError:
+            _fail(f"no experiment or run {id!r}", 1)
+        typer.echo(json.dumps(run, indent=1))
+        return
+    _print_status(exp)
+    for run in exp["runs"]:
+        if run.get("error"):
+            typer.echo(f"  run {run['id']} error: {run['error'].splitlines()[-1] if run['error'] else ''}")
+
+
+def _run_id(client: Client, id: str) -> str:
+    try:
+        return str(client.experiment(id)["runs"][0]["id"])
+    except ApiError:
+        return id
+
+
+@app.command()
+def logs(id: str, follow: Annotated[bool, typer.Option("--follow", "-f")] = False, tail: int = 200,
+         api: ApiOpt = None) -> None:
+    """The tail of a run's Ray job logs (experiment id or run id)."""
+    client = _client(api)
+    run_id = _run_id(client, id)
+    shown = 0
+    while True:
+        body = client.logs(run_id, tail=100_000 if follow else tail)
+        lines = body["logs"].splitlines()
+        for line in lines[shown if follow else 0:]:
+            typer.echo(line)
+        shown = len(lines)
+        if not follow or body["status"] in TERMINAL:
+            return
+        time.sleep(1.0)
+
+
+@app.command()
+def cancel(id: str, api: ApiOpt = None) -> None:
+    """Cancel every unfinished run of an experiment."""
+    _print_status(_client(api).cancel(id))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Repository functions: take a session, return domain objects. One module per resource."""

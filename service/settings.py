@@ -1,0 +1,46 @@
+"""One settings object for the control plane, read once from ORCHESTRA_* environment variables."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, computed_field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ORCHESTRA_", extra="ignore")
+
+    home: Path = Field(default=Path.home() / ".orchestra", description="state dir of the embedded stack")
+    database_url: str = Field(default="", description="SQLAlchemy URL; SQLite under home when empty")
+    ray_address: str = Field(default="http://127.0.0.1:8265", description="Ray dashboard (Jobs API) URL")
+    mlflow_tracking_uri: str = "http://127.0.0.1:5000"
+    mlflow_experiment_prefix: str = "orchestra"
+    api_tokens: str = Field(default="", description="comma-separated bearer tokens; empty = no auth")
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_concurrent_runs: int = Field(default=4, ge=1)
+    scheduler_interval_s: float = Field(default=1.0, gt=0)
+    reconciler_interval_s: float = Field(default=1.0, gt=0)
+    background: bool = Field(default=True, description="run scheduler + reconciler in the API process")
+    storage_path: str = Field(default="", description="Ray Train checkpoints; home/ray_results when empty "
+                              "(a shared filesystem or bucket URI on a multi-node cluster)")
+    job_python: str = Field(default="", description="python used by Ray jobs; this interpreter when empty")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.home / 'orchestra.db'}"
+
+    @property
+    def resolved_storage_path(self) -> str:
+        return self.storage_path or str(self.home / "ray_results")
+
+    @property
+    def tokens(self) -> list[str]:
+        return [t.strip() for t in self.api_tokens.split(",") if t.strip()]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,38 @@
+"""The ``distributed`` section: workers, strategy, DeepSpeed, gradient exchange."""
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from algorithms._config import StrictModel
+from algorithms.aggregation.config import AggregatorConfig
+from algorithms.coding.config import CodingConfig
+
+
+class DeepSpeedSpec(StrictModel):
+    zero_stage: int = Field(default=2, ge=0, le=3)
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    activation_checkpointing: bool = False
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="raw DeepSpeed config fragment merged over the generated one"
+    )
+
+
+class DistributedSpec(StrictModel):
+    num_workers: int = Field(default=1, ge=1, le=1024)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = None
+    strategy: Literal["ddp", "deepspeed", "parameter_server"] = "ddp"
+    deepspeed: DeepSpeedSpec | None = None
+    aggregator: AggregatorConfig | None = None
+    gradient_coding: CodingConfig | None = None
+    max_failures: int = Field(default=0, ge=0, le=100, description="worker restarts from the last checkpoint")
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _non_negative(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, amount in (value or {}).items():
+            if amount < 0:
+                raise ValueError(f"resources_per_worker.{key} must be >= 0 (got {amount})")
+        return value

@@ -1,0 +1,56 @@
+"""The ``faults`` section: simulated Byzantine workers, stragglers and killed workers (seeded)."""
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from algorithms._config import StrictModel
+from algorithms.aggregation.config import AttackConfig
+
+
+class _Chosen(StrictModel):
+    count: int | None = Field(default=None, ge=0)
+    ranks: list[Annotated[int, Field(ge=0)]] | None = None
+    seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _count_or_ranks(self) -> "_Chosen":
+        if (self.count is None) == (self.ranks is None):
+            raise ValueError("give exactly one of count or ranks")
+        if self.ranks is not None and len(set(self.ranks)) != len(self.ranks):
+            raise ValueError("ranks must be distinct")
+        return self
+
+    @property
+    def n(self) -> int:
+        return self.count if self.count is not None else len(self.ranks or [])
+
+
+class ByzantineSpec(_Chosen):
+    attack: AttackConfig
+
+    @field_validator("attack", mode="before")
+    @classmethod
+    def _name_only(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
+class DelaySpec(StrictModel):
+    dist: Literal["fixed", "exponential", "pareto"]
+    mean_ms: float = Field(default=100.0, gt=0.0, le=3_600_000.0)
+    alpha: float = Field(default=2.0, gt=1.0, le=100.0, description="Pareto shape (mean finite needs > 1)")
+
+
+class StragglerSpec(_Chosen):
+    delay: DelaySpec
+
+
+class KillSpec(StrictModel):
+    rank: int = Field(default=0, ge=0)
+    step: int = Field(ge=1)
+
+
+class FaultsSpec(StrictModel):
+    byzantine: ByzantineSpec | None = None
+    stragglers: StragglerSpec | None = None
+    kill: KillSpec | None = None

@@ -1,0 +1,147 @@
+"""``ExperimentSpec``: every section, and the rules that span sections."""
+
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from algorithms._config import StrictModel
+from algorithms.merging.config import MergeConfig
+from algorithms.optimizers.config import OptimizerConfig
+from algorithms.peft.config import PeftConfig
+from service.spec.distributed import DistributedSpec
+from service.spec.faults import FaultsSpec
+from service.spec.sweep import SweepSpec
+from service.spec.task import TaskSpec
+from service.spec.train import TrainSpec
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class ExperimentSpec(StrictModel):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = Field(default=None, max_length=10_000)
+    priority: int = Field(default=0, ge=-100, le=100, description="higher runs first")
+    tags: dict[str, str] = Field(default_factory=dict)
+    task: TaskSpec
+    train: TrainSpec | None = None
+    optimizer: OptimizerConfig | None = None
+    peft: PeftConfig | None = None
+    merge: MergeConfig | None = None
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    faults: FaultsSpec = Field(default_factory=FaultsSpec)
+    sweep: SweepSpec | None = None
+
+    @model_validator(mode="after")
+    def _cross_section_rules(self) -> "ExperimentSpec":
+        if self.task.kind == "merge":
+            self._check_merge()
+        else:
+            self._check_training()
+        return self
+
+    # ---- merge -------------------------------------------------------------------------------
+
+    def _check_merge(self) -> None:
+        if self.merge is None:
+            raise ValueError("merge.method: task.kind 'merge' needs a merge section")
+        if self.merge.needs_base() and self.merge.base is None:
+            raise ValueError(f"merge.base: required by merge.method {self.merge.method!r}")
+        for section in ("optimizer", "peft", "sweep"):
+            if getattr(self, section) is not None:
+                raise ValueError(f"{section}.name: {section} does not apply to task.kind 'merge'")
+
+    # ---- training ----------------------------------------------------------------------------
+
+    def _check_training(self) -> None:
+        if self.merge is not None:
+            raise ValueError("merge.method: merge applies only to task.kind 'merge'")
+        if self.train is None:
+            raise ValueError(f"train.max_steps: train is required for task.kind {self.task.kind!r}")
+        if self.optimizer is None:
+            raise ValueError(f"optimizer.name: optimizer is required for task.kind {self.task.kind!r}")
+        train, dist = self.train, self.distributed
+        n = dist.num_workers
+        if train.precision == "fp16" and not dist.use_gpu:
+            raise ValueError("train.precision: fp16 needs distributed.use_gpu (use bf16 or fp32 on CPU)")
+        if train.batch_size < n * train.grad_accum:
+            raise ValueError(
+                f"train.batch_size: {train.batch_size} must be at least num_workers x grad_accum "
+                f"({n} x {train.grad_accum})"
+            )
+        if self.peft is not None:
+            if self.task.kind not in ("causal_lm", "seq_classification"):
+                raise ValueError(f"peft.name: peft applies to causal_lm and seq_classification, not {self.task.kind!r}")
+            if dist.strategy == "parameter_server":
+                raise ValueError("peft.name: peft is not supported with strategy parameter_server (use ddp or deepspeed)")
+        zero = dist.deepspeed.zero_stage if dist.deepspeed else None
+        if dist.deepspeed is not None and dist.strategy != "deepspeed":
+            raise ValueError("distributed.deepspeed: set but distributed.strategy is not 'deepspeed'")
+        if dist.strategy == "deepspeed":
+            from service.spec.deepspeed_rules import check_deepspeed
+
+            check_deepspeed(self)
+        try:
+            self.optimizer.check_distributed(dist.strategy, zero)
+        except ValueError as exc:
+            raise ValueError(f"optimizer.name: {self.optimizer.name!r}: {exc}") from None
+        self._check_exchange()
+        self._check_faults()
+
+    def _check_exchange(self) -> None:
+        dist = self.distributed
+        n = dist.num_workers
+        if dist.aggregator is not None:
+            try:
+                dist.aggregator.validate_for(n)
+            except ValueError as exc:
+                raise ValueError(f"distributed.aggregator.f: {exc}") from None
+        if dist.gradient_coding is not None:
+            try:
+                dist.gradient_coding.validate_for(n)
+            except ValueError as exc:
+                raise ValueError(f"distributed.gradient_coding.stragglers: {exc}") from None
+            if dist.strategy != "parameter_server":
+                raise ValueError(
+                    "distributed.gradient_coding: needs strategy parameter_server (the server decodes "
+                    "from the first n - s workers to answer; collectives wait for every rank)"
+                )
+            agg = dist.aggregator
+            if agg is not None and agg.name != "mean" and dist.gradient_coding.scheme != "fractional_repetition":
+                raise ValueError(
+                    f"distributed.aggregator: robust rule {agg.name!r} combines only with gradient_coding scheme "
+                    "fractional_repetition (each worker then sends an unbiased estimate of the full "
+                    "gradient that the rule can compare); coded messages of "
+                    f"{dist.gradient_coding.scheme!r} mix parts with signed weights"
+                )
+
+    def _check_faults(self) -> None:
+        n = self.distributed.num_workers
+        faults = self.faults
+        for section in ("byzantine", "stragglers"):
+            chosen = getattr(faults, section)
+            if chosen is None:
+                continue
+            if chosen.ranks is not None and max(chosen.ranks, default=-1) >= n:
+                raise ValueError(f"faults.{section}.ranks: must be below num_workers ({n})")
+        if faults.byzantine is not None and faults.byzantine.n > n:
+            raise ValueError(f"faults.byzantine.count: {faults.byzantine.n} exceeds num_workers ({n})")
+        if faults.stragglers is not None and faults.stragglers.n >= n:
+            raise ValueError(
+                f"faults.stragglers.count: {faults.stragglers.n} must be below num_workers ({n})"
+            )
+        if faults.byzantine is not None and faults.byzantine.n > 0 and n < 2:
+            raise ValueError("faults.byzantine.count: needs num_workers >= 2")
+        if faults.kill is not None:
+            assert self.train is not None
+            if faults.kill.rank >= n:
+                raise ValueError(f"faults.kill.rank: {faults.kill.rank} must be below num_workers ({n})")
+            if faults.kill.step >= self.train.max_steps:
+                raise ValueError(
+                    f"faults.kill.step: {faults.kill.step} must be below train.max_steps ({self.train.max_steps})"
+                )
+            if self.distributed.max_failures < 1:
+                raise ValueError("distributed.max_failures: faults.kill needs max_failures >= 1 to recover")
+
+    def resolved(self) -> dict[str, Any]:
+        """The spec with every default filled in, as stored with the run and sent to workers."""
+        return self.model_dump(mode="json")

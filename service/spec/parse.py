@@ -1,0 +1,136 @@
+"""Turn a request body (JSON or YAML) into a validated ``ExperimentSpec`` or a ``SpecError``.
+
+Errors name the field by its path in the user's document (``optimizer.lr``), not pydantic's
+internal location (which inserts the union tag: ``optimizer.adamw.lr``).
+"""
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import re
+
+import yaml
+from pydantic import ValidationError
+
+from service.spec.model import ExperimentSpec
+
+
+_NAMED = re.compile(r"^([a-z_]+(?:\.[A-Za-z0-9_]+)+): (.+)$", re.S)
+
+
+@dataclass
+class SpecError(Exception):
+    """A spec that cannot be used; ``errors`` holds ``{"field": "a.b", "message": "..."}``."""
+
+    errors: list[dict[str, str]] = field(default_factory=list)
+    status_code: int = 422
+
+    def __str__(self) -> str:
+        return "; ".join(f"{e['field']}: {e['message']}" for e in self.errors)
+
+
+def load_document(body: bytes | str, content_type: str = "application/json") -> dict[str, Any]:
+    """Decode JSON or YAML; anything but a mapping at the top is a 400."""
+    text = body.decode("utf-8", errors="strict") if isinstance(body, bytes) else body
+    is_yaml = "yaml" in content_type.lower()
+    try:
+        data = yaml.safe_load(text) if is_yaml else json.loads(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        kind = "YAML" if is_yaml else "JSON"
+        raise SpecError([{"field": "body", "message": f"not valid {kind}: {exc}"}], 400) from None
+    if not isinstance(data, dict):
+        raise SpecError([{"field": "body", "message": "the spec must be a mapping at the top level"}], 400)
+    return data
+
+
+def _user_path(raw: Any, loc: tuple[Any, ...]) -> str:
+    """Drop the discriminator tags pydantic adds to ``loc`` when they are not keys of the document."""
+    parts: list[str] = []
+    node = raw
+    for item in loc:
+        if isinstance(node, dict) and item not in node and isinstance(item, str):
+            tag = next((node.get(k) for k in ("name", "method", "scheme") if k in node), None)
+            if tag == item or item.startswith("function-") or item in ("model-before", "model-after"):
+                continue
+        parts.append(str(item))
+        node = node.get(item) if isinstance(node, dict) else (
+            node[item] if isinstance(node, list) and isinstance(item, int) and item < len(node) else None
+        )
+    return ".".join(parts) or "spec"
+
+
+def spec_errors(exc: ValidationError, raw: Any) -> list[dict[str, str]]:
+    out = []
+    for err in exc.errors(include_url=False):
+        message = err["msg"].removeprefix("Value error, ")
+        where = _user_path(raw, tuple(err["loc"]))
+        # Cross-section rules raise "field.path: reason"; name that field rather than the section.
+        named = _NAMED.match(message)
+        if named:
+            inner = named.group(1)
+            where = inner if where == "spec" else (inner if inner.startswith(where + ".") else where)
+            message = named.group(2)
+        given = err.get("input")
+        if isinstance(given, str | int | float | bool) and err["type"] != "missing" and str(given) not in message:
+            message += f" (got {given!r})"
+        out.append({"field": where, "message": message})
+    return out
+
+
+def _set_path(doc: dict[str, Any], path: str, value: Any) -> None:
+    keys = path.split(".")
+    node = doc
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise KeyError(path)
+    node[keys[-1]] = value
+
+
+def _path_exists(resolved: dict[str, Any], path: str) -> bool:
+    node: Any = resolved
+    for key in path.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def _check_sweep(spec: ExperimentSpec, raw: dict[str, Any]) -> None:
+    if spec.sweep is None:
+        return
+    resolved = spec.resolved()
+    errors = []
+    for path in spec.sweep.parameters:
+        where = f"sweep.parameters.{path}"
+        if path.split(".")[0] in ("sweep", "name", "distributed") or not _path_exists(resolved, path):
+            errors.append({"field": where, "message": f"{path!r} is not a parameter of this spec"})
+            continue
+        for value in spec.sweep.candidate_values(path):
+            trial = copy.deepcopy(raw)
+            trial.pop("sweep", None)
+            _set_path(trial, path, value)
+            try:
+                ExperimentSpec.model_validate(trial)
+            except ValidationError as exc:
+                first = spec_errors(exc, trial)[0]
+                errors.append({"field": where, "message": f"value {value!r} gives an invalid spec: "
+                               f"{first['field']}: {first['message']}"})
+                break
+    if errors:
+        raise SpecError(errors)
+
+
+def validate_document(raw: dict[str, Any]) -> ExperimentSpec:
+    try:
+        spec = ExperimentSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(spec_errors(exc, raw)) from None
+    _check_sweep(spec, raw)
+    return spec
+
+
+def parse_spec(body: bytes | str, content_type: str = "application/json") -> ExperimentSpec:
+    return validate_document(load_document(body, content_type))

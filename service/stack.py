@@ -1,0 +1,127 @@
+"""The embedded stack of ``orchestra up``: a local Ray head (with its dashboard, for the Jobs
+API, and token auth on), a local MLflow server (SQLite backend, local artifacts), the database
+migrated; every process started here is stopped on exit."""
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+def free_port(preferred: int) -> int:
+    """``preferred`` if nothing listens there, else a free port from the OS."""
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError("no free port")
+
+
+@dataclass
+class Stack:
+    home: Path
+    api_port: int = 8000
+    dashboard_port: int = 8265
+    gcs_port: int = 6380
+    mlflow_port: int = 5000
+    num_cpus: int | None = None
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def ray_address(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+    @property
+    def database_url(self) -> str:
+        return f"sqlite:///{self.home / 'orchestra.db'}"
+
+    def _token_path(self) -> Path:
+        path = self.home / "ray_auth_token"
+        if not path.exists():
+            path.write_text(secrets.token_hex(32))
+            path.chmod(0o600)
+        return path
+
+    def env(self) -> dict[str, str]:
+        """Environment for this process and its children: Ray's token auth, our settings."""
+        return {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self._token_path()),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "ORCHESTRA_HOME": str(self.home),
+            "ORCHESTRA_DATABASE_URL": self.database_url,
+            "ORCHESTRA_RAY_ADDRESS": self.ray_address,
+            "ORCHESTRA_MLFLOW_TRACKING_URI": self.mlflow_uri,
+        }
+
+    def _spawn(self, name: str, cmd: list[str]) -> None:
+        log = open(self.home / "logs" / f"{name}.log", "ab")
+        env = {**os.environ, **self.env()}
+        self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                           start_new_session=True))
+
+    def start(self) -> None:
+        (self.home / "logs").mkdir(parents=True, exist_ok=True)
+        (self.home / "mlflow").mkdir(exist_ok=True)
+        self.dashboard_port = free_port(self.dashboard_port)
+        self.gcs_port = free_port(self.gcs_port)
+        self.mlflow_port = free_port(self.mlflow_port)
+        bin_dir = Path(sys.executable).parent
+        cpus = self.num_cpus or max(4, 2 * (os.cpu_count() or 1))
+        # Ray's fixed default ports (client server 10001, agent 52365) would clash with a second
+        # local cluster; take free ones outside Ray's worker port range (10002-19999).
+        client_port, agent_port = free_port(23001), free_port(23002)
+        self._spawn("ray", [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={self.gcs_port}",
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                            f"--ray-client-server-port={client_port}",
+                            f"--dashboard-agent-listen-port={agent_port}",
+                            f"--num-cpus={cpus}", "--include-dashboard=true", "--disable-usage-stats"])
+        self._spawn("mlflow", [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port",
+                               str(self.mlflow_port), "--workers", "1", "--backend-store-uri",
+                               f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}",
+                               "--artifacts-destination", str(self.home / "mlflow" / "artifacts")])
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        pending = {"ray": f"{self.ray_address}/api/version", "mlflow": f"{self.mlflow_uri}/health"}
+        while pending and time.monotonic() < deadline:
+            for name, url in list(pending.items()):
+                try:
+                    if httpx.get(url, timeout=2).status_code < 500:
+                        del pending[name]
+                except httpx.HTTPError:
+                    pass
+            for proc in self.procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"a stack process exited early (see {self.home / 'logs'})")
+            time.sleep(0.5)
+        if pending:
+            raise RuntimeError(f"not ready after {timeout_s:.0f}s: {sorted(pending)} (logs in {self.home / 'logs'})")
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        self.procs.clear()

@@ -1,0 +1,54 @@
+"""The control plane's side of MLflow: create a run's MLflow run before dispatch (so its id is
+known at once and survives restarts), and close it if the job dies without doing so."""
+
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+RUN_TAG = "orchestra.run_id"
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str, prefix: str = "orchestra") -> None:
+        self.uri = tracking_uri
+        self.prefix = prefix
+        self._client: MlflowClient | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def _experiment_id(self, name: str) -> str:
+        full = f"{self.prefix}/{name}"
+        exp = self.client.get_experiment_by_name(full)
+        if exp is not None:
+            return str(exp.experiment_id)
+        try:
+            return str(self.client.create_experiment(full))
+        except Exception:  # created concurrently
+            exp = self.client.get_experiment_by_name(full)
+            if exp is None:
+                raise
+            return str(exp.experiment_id)
+
+    def ensure_run(self, *, run_id: str, experiment_id: str, spec: dict[str, Any]) -> str:
+        """The MLflow run of this Orchestra run, created once (found by tag after a crash)."""
+        mlflow_exp = self._experiment_id(spec["name"])
+        found = self.client.search_runs([mlflow_exp], filter_string=f"tags.`{RUN_TAG}` = '{run_id}'",
+                                        max_results=1)
+        if found:
+            return str(found[0].info.run_id)
+        tags = {RUN_TAG: run_id, "orchestra.experiment_id": experiment_id,
+                "mlflow.runName": f"{spec['name']}-{run_id[:8]}"}
+        tags.update({f"user.{k}": v for k, v in spec.get("tags", {}).items()})
+        return str(self.client.create_run(mlflow_exp, tags=tags).info.run_id)
+
+    def close_if_open(self, mlflow_run_id: str, status: str) -> None:
+        run = self.client.get_run(mlflow_run_id)
+        if run.info.status in ("RUNNING", "SCHEDULED"):
+            self.client.set_terminated(mlflow_run_id, status=status)
+
+    def ping(self) -> None:
+        self.client.search_experiments(max_results=1)

@@ -1,0 +1,16 @@
+"""Build the app against a given database URL with in-memory Ray/MLflow stand-ins."""
+
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from service.db import upgrade
+from service.settings import Settings
+from tests.fakes import MemoryLauncher, MemoryTracker
+
+
+def make_client(url: str, *, tokens: str = "", max_body: int = 1_048_576,
+                launcher: MemoryLauncher | None = None) -> TestClient:
+    upgrade(url)
+    settings = Settings(database_url=url, background=False, api_tokens=tokens, max_body_bytes=max_body)
+    app = create_app(settings, launcher=launcher or MemoryLauncher(), tracker=MemoryTracker())  # type: ignore[arg-type]
+    return TestClient(app)

@@ -1,0 +1,58 @@
+"""In-memory stand-ins for the Ray Jobs API and MLflow, for unit tests of the control plane only
+(integration tests use a real Ray head and a real MLflow server)."""
+
+from dataclasses import dataclass, field
+
+from service.launcher import JobState
+
+
+@dataclass
+class MemoryLauncher:
+    jobs: dict[str, JobState] = field(default_factory=dict)
+    submits: int = 0
+    stopped: list[str] = field(default_factory=list)
+    fail_submit: bool = False
+
+    def submit(self, *, submission_id: str, entrypoint: str, env: dict[str, str],
+               num_cpus: float = 0, num_gpus: float = 0) -> bool:
+        self.submits += 1
+        if self.fail_submit:
+            raise ConnectionError("ray down")
+        if submission_id in self.jobs:
+            return False
+        self.jobs[submission_id] = JobState("PENDING")
+        return True
+
+    def status(self, submission_id: str) -> JobState | None:
+        return self.jobs.get(submission_id)
+
+    def stop(self, submission_id: str) -> None:
+        self.stopped.append(submission_id)
+        if submission_id in self.jobs and self.jobs[submission_id].status in ("PENDING", "RUNNING"):
+            self.jobs[submission_id] = JobState("STOPPED", "stopped by user")
+
+    def logs(self, submission_id: str) -> str:
+        return "line 1\nline 2\nTraceback: boom\n" if submission_id in self.jobs else ""
+
+    def ping(self) -> None:
+        if self.fail_submit:
+            raise ConnectionError("ray down")
+
+    def dashboard_url(self) -> str:
+        return "http://ray.invalid:8265"
+
+
+@dataclass
+class MemoryTracker:
+    uri: str = "http://mlflow.invalid"
+    runs: dict[str, str] = field(default_factory=dict)
+    closed: dict[str, str] = field(default_factory=dict)
+
+    def ensure_run(self, *, run_id: str, experiment_id: str, spec: dict) -> str:  # type: ignore[type-arg]
+        return self.runs.setdefault(run_id, f"mlflow-{run_id[:8]}")
+
+    def close_if_open(self, mlflow_run_id: str, status: str) -> None:
+        self.closed[mlflow_run_id] = status
+
+    def ping(self) -> None:
+        return None

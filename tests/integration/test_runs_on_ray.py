@@ -1,0 +1,79 @@
+"""Runs through the whole stack: PostgreSQL, `orchestra serve`, a real Ray head, a real MLflow."""
+
+import httpx
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import small_spec, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def ray_jobs(stack, run_id: str) -> list:  # type: ignore[no-untyped-def,type-arg]
+    from ray.job_submission import JobSubmissionClient
+
+    return [j for j in JobSubmissionClient(stack.ray_address).list_jobs() if j.submission_id == f"orchestra-{run_id}"]
+
+
+def test_run_succeeds_with_falling_loss_in_mlflow(api, stack) -> None:  # type: ignore[no-untyped-def]
+    client = httpx.Client(base_url=api.url, timeout=30)
+    exp = client.post("/v1/experiments", json=small_spec()).json()
+    exp = wait_for(client, exp["id"], {"succeeded", "failed", "cancelled"})
+    run = exp["runs"][0]
+    assert exp["status"] == "succeeded", run["error"]
+    mlflow = MlflowClient(stack.mlflow_uri)
+    history = [m.value for m in mlflow.get_metric_history(run["mlflow_run_id"], "train/loss")]
+    assert len(history) >= 5 and history[-1] < 0.5 * history[0], history
+    metrics = mlflow.get_run(run["mlflow_run_id"]).data.metrics
+    assert metrics["eval/accuracy"] > 0.8 and metrics["perf/samples_per_s"] > 0
+    assert mlflow.get_run(run["mlflow_run_id"]).info.status == "FINISHED"
+    assert {a.path for a in mlflow.list_artifacts(run["mlflow_run_id"], "model")} >= {"model/state_dict.pt",
+                                                                                       "model/spec.json"}
+    assert client.get(f"/v1/runs/{run['id']}/logs").json()["logs"]
+
+
+def test_api_killed_mid_run_recovers_with_one_job(api, stack) -> None:  # type: ignore[no-untyped-def]
+    client = httpx.Client(base_url=api.url, timeout=30)
+    exp = client.post("/v1/experiments", json=small_spec("it-kill9", max_steps=300, eval_every=100)).json()
+    wait_for(client, exp["id"], {"running"})
+    api.kill9()
+    api.start()  # a new process: its reconciler finds the run's job by id
+    exp = wait_for(client, exp["id"], {"succeeded", "failed", "cancelled"})
+    assert exp["status"] == "succeeded", exp["runs"][0]["error"]
+    assert len(ray_jobs(stack, exp["runs"][0]["id"])) == 1
+
+
+def test_runtime_failure_reports_the_error(api) -> None:  # type: ignore[no-untyped-def]
+    client = httpx.Client(base_url=api.url, timeout=30)
+    spec = small_spec("it-fail")
+    spec["task"] = {"kind": "causal_lm", "dataset": {"name": "char_corpus", "seq_len": 32, "path": "/nonexistent.txt"},
+                    "model": {"name": "llama", "hidden": 32, "layers": 1, "heads": 2}}
+    exp = client.post("/v1/experiments", json=spec).json()
+    exp = wait_for(client, exp["id"], {"succeeded", "failed", "cancelled"})
+    assert exp["status"] == "failed"
+    assert "nonexistent.txt" in exp["runs"][0]["error"]
+
+
+def test_cancel_stops_the_job(api, stack) -> None:  # type: ignore[no-untyped-def]
+    client = httpx.Client(base_url=api.url, timeout=30)
+    exp = client.post("/v1/experiments", json=small_spec("it-cancel", max_steps=100_000)).json()
+    wait_for(client, exp["id"], {"running"})
+    assert client.post(f"/v1/experiments/{exp['id']}/cancel").status_code == 202
+    exp = wait_for(client, exp["id"], {"succeeded", "failed", "cancelled"}, timeout=120)
+    assert exp["status"] == "cancelled"
+    assert ray_jobs(stack, exp["runs"][0]["id"])[0].status.value == "STOPPED"
+
+
+def test_killed_worker_resumes_from_checkpoint(api, stack) -> None:  # type: ignore[no-untyped-def]
+    client = httpx.Client(base_url=api.url, timeout=30)
+    spec = small_spec("it-worker-kill", max_steps=60, checkpoint_every=20)
+    spec["faults"] = {"kill": {"rank": 1, "step": 30}}
+    spec["distributed"]["max_failures"] = 1
+    exp = client.post("/v1/experiments", json=spec).json()
+    exp = wait_for(client, exp["id"], {"succeeded", "failed", "cancelled"})
+    assert exp["status"] == "succeeded", exp["runs"][0]["error"]
+    logs = client.get(f"/v1/runs/{exp['runs'][0]['id']}/logs", params={"tail": 100000}).json()["logs"]
+    assert "killing rank 1 at step 30" in logs
+    history = MlflowClient(stack.mlflow_uri).get_metric_history(exp["runs"][0]["mlflow_run_id"], "train/loss")
+    steps = sorted({m.step for m in history})
+    assert steps[-1] == 60

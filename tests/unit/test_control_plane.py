@@ -1,0 +1,167 @@
+"""State machine, scheduler and reconciler against an in-memory launcher and a real SQLite file."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from service.db import engine_for, session_factory, upgrade
+from service.models import RunRow
+from service.reconciler import Reconciler
+from service.repo import experiments as exp_repo
+from service.repo import runs as runs_repo
+from service.scheduler import Scheduler
+from service.spec import parse_spec
+from service.state import IllegalTransition, RunStatus, experiment_status, transition
+from tests.fakes import MemoryLauncher, MemoryTracker
+from service.launcher import JobState
+
+QUICKSTART = (Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml").read_text()
+
+
+@pytest.fixture()
+def sessions(tmp_path: Path):  # type: ignore[no-untyped-def]
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    upgrade(url)
+    return session_factory(engine_for(url))
+
+
+def submit(sessions, priority: int = 0) -> str:  # type: ignore[no-untyped-def]
+    doc = yaml.safe_load(QUICKSTART)
+    doc["priority"] = priority
+    spec = parse_spec(json.dumps(doc))
+    with sessions() as s:
+        exp, _ = exp_repo.create_experiment(s, spec=doc, resolved=spec.resolved())
+        s.commit()
+    return exp.runs[0].id
+
+
+def parts(sessions, launcher=None, max_concurrent: int = 4):  # type: ignore[no-untyped-def]
+    launcher = launcher or MemoryLauncher()
+    tracker = MemoryTracker()
+    return (Scheduler(sessions, launcher, tracker, max_concurrent=max_concurrent, storage_path="/tmp/x"),
+            Reconciler(sessions, launcher, tracker), launcher, tracker)
+
+
+def status_of(sessions, run_id: str) -> str:  # type: ignore[no-untyped-def]
+    with sessions() as s:
+        run = runs_repo.get_run(s, run_id)
+        assert run is not None
+        return run.status
+
+
+def test_terminal_states_are_final() -> None:
+    row = RunRow(id="r", status="queued")
+    assert transition(row, RunStatus.DISPATCHED)
+    assert transition(row, RunStatus.RUNNING)
+    assert transition(row, RunStatus.SUCCEEDED)
+    for target in RunStatus:
+        if target != RunStatus.SUCCEEDED:
+            with pytest.raises(IllegalTransition):
+                transition(row, target)
+    assert not transition(row, RunStatus.SUCCEEDED)
+    assert row.finished_at is not None and row.started_at is not None
+
+
+def test_queued_cannot_jump_to_running() -> None:
+    with pytest.raises(IllegalTransition):
+        transition(RunRow(id="r", status="queued"), RunStatus.RUNNING)
+
+
+def test_experiment_status_summarises_runs() -> None:
+    assert experiment_status(["succeeded", "running"]) == "running"
+    assert experiment_status(["succeeded", "failed"]) == "failed"
+    assert experiment_status(["succeeded"]) == "succeeded"
+
+
+def test_full_life_of_a_run(sessions) -> None:  # type: ignore[no-untyped-def]
+    sched, rec, launcher, tracker = parts(sessions)
+    run_id = submit(sessions)
+    assert sched.tick() == 1
+    assert status_of(sessions, run_id) == "dispatched"
+    sid = f"orchestra-{run_id}"
+    assert launcher.jobs[sid].status == "PENDING"
+    launcher.jobs[sid] = JobState("RUNNING")
+    rec.tick()
+    assert status_of(sessions, run_id) == "running"
+    launcher.jobs[sid] = JobState("SUCCEEDED")
+    rec.tick()
+    assert status_of(sessions, run_id) == "succeeded"
+    with sessions() as s:
+        run = runs_repo.get_run(s, run_id)
+        assert run is not None and run.mlflow_run_id == tracker.runs[run_id]
+
+
+def test_failed_run_carries_error_tail(sessions) -> None:  # type: ignore[no-untyped-def]
+    sched, rec, launcher, tracker = parts(sessions)
+    run_id = submit(sessions)
+    sched.tick()
+    launcher.jobs[f"orchestra-{run_id}"] = JobState("FAILED", "Job entrypoint command failed with exit code 1")
+    rec.tick()
+    with sessions() as s:
+        run = runs_repo.get_run(s, run_id)
+        assert run is not None and run.status == "failed"
+        assert "exit code 1" in (run.error or "") and "Traceback: boom" in (run.error or "")
+    assert tracker.closed[tracker.runs[run_id]] == "FAILED"
+
+
+def test_redispatch_after_crash_submits_no_second_job(sessions) -> None:  # type: ignore[no-untyped-def]
+    """A crash after the Ray submit but before the status commit: the next scheduler finds the job."""
+    sched, _, launcher, _ = parts(sessions)
+    run_id = submit(sessions)
+    launcher.submit(submission_id=f"orchestra-{run_id}", entrypoint="x", env={})  # the lost dispatch
+    sched2, _, _, _ = parts(sessions, launcher)
+    assert sched2.tick() == 1
+    assert len(launcher.jobs) == 1 and status_of(sessions, run_id) == "dispatched"
+
+
+def test_priority_then_fifo_within_concurrency(sessions) -> None:  # type: ignore[no-untyped-def]
+    sched, _, launcher, _ = parts(sessions, max_concurrent=2)
+    low = submit(sessions, priority=0)
+    first_high = submit(sessions, priority=5)
+    second_high = submit(sessions, priority=5)
+    assert sched.tick() == 2
+    assert status_of(sessions, first_high) == "dispatched"
+    assert status_of(sessions, second_high) == "dispatched"
+    assert status_of(sessions, low) == "queued"
+    assert sched.tick() == 0  # at the limit
+
+
+def test_ray_down_leaves_run_queued(sessions) -> None:  # type: ignore[no-untyped-def]
+    launcher = MemoryLauncher(fail_submit=True)
+    sched, _, _, _ = parts(sessions, launcher)
+    run_id = submit(sessions)
+    assert sched.tick() == 0
+    assert status_of(sessions, run_id) == "queued"
+    launcher.fail_submit = False
+    assert sched.tick() == 1
+
+
+def test_cancel_queued_and_running(sessions) -> None:  # type: ignore[no-untyped-def]
+    sched, rec, launcher, _ = parts(sessions, max_concurrent=1)
+    running = submit(sessions)
+    queued = submit(sessions)
+    sched.tick()
+    launcher.jobs[f"orchestra-{running}"] = JobState("RUNNING")
+    rec.tick()
+    with sessions() as s:
+        for rid in (running, queued):
+            row = runs_repo.get_run_row(s, rid)
+            assert row is not None
+            runs_repo.request_cancel(s, row.experiment_id)
+        s.commit()
+    rec.tick()
+    sched.tick()
+    assert status_of(sessions, running) == "cancelled"
+    assert status_of(sessions, queued) == "cancelled"
+    assert launcher.stopped == [f"orchestra-{running}"]
+
+
+def test_vanished_job_fails_the_run(sessions) -> None:  # type: ignore[no-untyped-def]
+    sched, rec, launcher, _ = parts(sessions)
+    run_id = submit(sessions)
+    sched.tick()
+    launcher.jobs.clear()
+    rec.tick()
+    assert status_of(sessions, run_id) == "failed"

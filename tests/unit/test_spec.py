@@ -1,0 +1,135 @@
+"""The spec: the examples validate, and a table of bad specs gives the field and the reason."""
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from service.spec import SpecError, parse_spec
+from service.spec.parse import validate_document
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def quickstart() -> dict[str, Any]:
+    return yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
+
+
+def with_changes(**paths: Any) -> dict[str, Any]:
+    doc = quickstart()
+    for dotted, value in paths.items():
+        node = doc
+        keys = dotted.split("__")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        if value is _DELETE:
+            node.pop(keys[-1], None)
+        else:
+            node[keys[-1]] = value
+    return doc
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_validate(path: Path) -> None:
+    if path.name == "lorenza-llama-sweep.yaml":
+        pytest.importorskip("algorithms.optimizers.registry")
+    spec = parse_spec(path.read_text(), "application/yaml")
+    resolved = spec.resolved()
+    assert resolved["name"]
+    # The resolved spec (defaults filled in) validates again, as the worker does.
+    assert validate_document(json.loads(json.dumps(resolved))).resolved() == resolved
+
+
+BAD: list[tuple[str, dict[str, Any], str, str]] = [
+    ("missing task", with_changes(task=_DELETE), "task", "Field required"),
+    ("unknown top-level field", with_changes(colour="blue"), "colour", "Extra inputs"),
+    ("unknown optimizer", with_changes(optimizer={"name": "adamx", "lr": 0.1}), "optimizer", "adamx"),
+    ("negative lr", with_changes(optimizer={"name": "adamw", "lr": -1}), "optimizer.lr", "greater than 0"),
+    ("string steps", with_changes(train__max_steps="many"), "train.max_steps", "integer"),
+    ("zero batch", with_changes(train__batch_size=0), "train.batch_size", "greater than or equal to 1"),
+    ("unknown optimizer field", with_changes(optimizer={"name": "adamw", "lr": 0.1, "momentum": 0.9}),
+     "optimizer.momentum", "Extra inputs"),
+    ("unknown dataset", with_changes(task__dataset={"name": "imagenet"}), "task.dataset", "imagenet"),
+    ("model that does not fit", with_changes(task__model={"name": "llama"}), "task", "does not fit"),
+    ("unknown strategy", with_changes(distributed__strategy="horovod"), "distributed.strategy", "horovod"),
+    ("zero workers", with_changes(distributed__num_workers=0), "distributed.num_workers", "greater than"),
+    ("stragglers >= workers", with_changes(faults={"stragglers": {"count": 2, "delay": {"dist": "fixed"}}}),
+     "faults.stragglers.count", "below num_workers"),
+    ("byzantine > workers", with_changes(faults={"byzantine": {"count": 3, "attack": "alie"}}),
+     "faults.byzantine.count", "exceeds num_workers"),
+    ("unknown attack", with_changes(faults={"byzantine": {"count": 1, "attack": "ddos"}}),
+     "faults.byzantine.attack", "ddos"),
+    ("krum f too large", with_changes(distributed__num_workers=4, distributed__aggregator={"name": "krum", "f": 1}),
+     "distributed.aggregator.f", "tolerates at most f=0"),
+    ("bulyan f too large",
+     with_changes(distributed__num_workers=8, distributed__aggregator={"name": "bulyan", "f": 2}),
+     "distributed.aggregator.f", "at most f=1"),
+    ("unknown aggregator", with_changes(distributed__aggregator={"name": "vote", "f": 1}),
+     "distributed.aggregator", "vote"),
+    ("coding under ddp",
+     with_changes(distributed__gradient_coding={"scheme": "cyclic_repetition", "stragglers": 1}),
+     "distributed.gradient_coding", "parameter_server"),
+    ("fractional repetition n not divisible",
+     with_changes(distributed__num_workers=3, distributed__strategy="parameter_server",
+                  distributed__gradient_coding={"scheme": "fractional_repetition", "stragglers": 1}),
+     "distributed.gradient_coding.stragglers", "divisible"),
+    ("sweep over a missing path", with_changes(sweep={"parameters": {"optimizer.lrx": {"uniform": [0.1, 1]}}}),
+     "sweep.parameters.optimizer.lrx", "not a parameter"),
+    ("sweep value out of range", with_changes(sweep={"parameters": {"optimizer.lr": {"choice": [0.1, -2]}}}),
+     "sweep.parameters.optimizer.lr", "greater than 0"),
+    ("sweep bad bounds", with_changes(sweep={"parameters": {"optimizer.lr": {"uniform": [1, 0.1]}}}),
+     "sweep.parameters.optimizer.lr.uniform", "low must be below high"),
+    ("fp16 on CPU", with_changes(train__precision="fp16"), "train.precision", "use_gpu"),
+    ("deepspeed fragment disagrees",
+     with_changes(distributed__strategy="deepspeed",
+                  distributed__deepspeed={"zero_stage": 2, "config": {"train_micro_batch_size_per_gpu": 7}}),
+     "distributed.deepspeed.config.train_micro_batch_size_per_gpu", "disagrees"),
+    ("deepspeed without strategy", with_changes(distributed__deepspeed={"zero_stage": 1}),
+     "distributed.deepspeed", "strategy"),
+    ("kill without restarts", with_changes(faults={"kill": {"rank": 0, "step": 5}}),
+     "distributed.max_failures", "max_failures"),
+    ("kill after the end", with_changes(faults={"kill": {"rank": 0, "step": 500}}, distributed__max_failures=1),
+     "faults.kill.step", "below train.max_steps"),
+    ("bad name", with_changes(name="no spaces allowed"), "name", "pattern"),
+    ("merge without base",
+     {"name": "m", "task": {"kind": "merge", "dataset": {"name": "digits"}},
+      "merge": {"method": "ties", "inputs": ["a", "b"]}}, "merge.base", "required"),
+]
+
+
+@pytest.mark.parametrize(("doc", "field", "message"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_spec_names_field_and_reason(doc: dict[str, Any], field: str, message: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec(json.dumps(doc))
+    errors = info.value.errors
+    assert info.value.status_code == 422
+    assert any(e["field"] == field and message in e["message"] for e in errors), errors
+
+
+@pytest.mark.parametrize(("body", "content_type"), [("{not json", "application/json"), ("[1, 2]", "application/json"),
+                                                    ("a: [b", "application/yaml"), ("just text", "application/yaml")])
+def test_undecodable_body_is_400(body: str, content_type: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec(body, content_type)
+    assert info.value.status_code == 400
+    assert info.value.errors[0]["field"] == "body"
+
+
+def test_defaults_are_filled_in() -> None:
+    resolved = parse_spec(json.dumps(quickstart())).resolved()
+    assert resolved["train"]["precision"] == "fp32"
+    assert resolved["optimizer"]["betas"] == [0.9, 0.999]
+    assert resolved["distributed"]["max_failures"] == 0
+
+
+def test_attack_given_by_name_or_mapping() -> None:
+    a = with_changes(faults={"byzantine": {"count": 1, "attack": "sign_flip"}})
+    b = copy.deepcopy(a)
+    b["faults"]["byzantine"]["attack"] = {"name": "sign_flip", "scale": 1.0}
+    assert parse_spec(json.dumps(a)).resolved() == parse_spec(json.dumps(b)).resolved()

@@ -1,0 +1,58 @@
+"""Fault injection from the spec's ``faults`` section, seeded so that every rank agrees on it."""
+
+import os
+import random
+import time
+
+import torch
+
+from service.spec.faults import ByzantineSpec, DelaySpec, FaultsSpec, StragglerSpec
+
+
+def chosen_ranks(section: ByzantineSpec | StragglerSpec | None, n: int) -> list[int]:
+    """The ranks a fault applies to: given ones, or ``count`` drawn with the section's seed."""
+    if section is None:
+        return []
+    if section.ranks is not None:
+        return sorted(section.ranks)
+    rng = random.Random(section.seed)
+    return sorted(rng.sample(range(n), section.count or 0))
+
+
+def sample_delay_s(delay: DelaySpec, rng: random.Random) -> float:
+    mean = delay.mean_ms / 1000.0
+    if delay.dist == "fixed":
+        return mean
+    if delay.dist == "exponential":
+        return rng.expovariate(1.0 / mean)
+    # Pareto with shape alpha and mean `mean`: scale x_m = mean (alpha - 1) / alpha.
+    scale = mean * (delay.alpha - 1.0) / delay.alpha
+    return scale * rng.paretovariate(delay.alpha)
+
+
+class Straggler:
+    """Sleeps on the straggling ranks, with a per-rank seeded delay stream."""
+
+    def __init__(self, faults: FaultsSpec, rank: int, n: int) -> None:
+        self.spec = faults.stragglers
+        self.active = rank in chosen_ranks(self.spec, n)
+        self.rng = random.Random((self.spec.seed if self.spec else 0) * 7919 + rank)
+
+    def delay(self) -> float:
+        if not self.active or self.spec is None:
+            return 0.0
+        seconds = sample_delay_s(self.spec.delay, self.rng)
+        time.sleep(seconds)
+        return seconds
+
+
+def maybe_kill(faults: FaultsSpec, *, rank: int, step: int, restored: bool) -> None:
+    """Kill this worker process at ``faults.kill.step`` on the first attempt (not after a restore)."""
+    kill = faults.kill
+    if kill is not None and not restored and rank == kill.rank and step == kill.step:
+        print(f"[orchestra] fault injection: killing rank {rank} at step {step}", flush=True)
+        os._exit(17)
+
+
+def attack_generator(byz: ByzantineSpec | None, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(((byz.seed if byz else 0) + 1) * 1_000_003 + step)

@@ -1,0 +1,40 @@
+"""Run the spec's training as a Ray Train ``TorchTrainer`` (gloo on CPU, NCCL on GPU)."""
+
+from typing import Any
+
+from service.spec import ExperimentSpec
+
+
+def scaling_config(spec: ExperimentSpec) -> Any:
+    from ray.train import ScalingConfig
+
+    dist = spec.distributed
+    resources = dict(dist.resources_per_worker or {})
+    if not resources:
+        resources = {"CPU": 1.0, **({"GPU": 1.0} if dist.use_gpu else {})}
+    return ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu, resources_per_worker=resources)
+
+
+def run_trainer(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_id: str,
+                storage_path: str, log_spec: bool = True) -> dict[str, Any]:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from workers.train_loop import train_worker
+
+    dist = spec.distributed
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"spec": spec.resolved(), "mlflow_uri": mlflow_uri, "mlflow_run_id": mlflow_run_id,
+                           "log_spec": log_spec},
+        torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
+        scaling_config=scaling_config(spec),
+        run_config=RunConfig(
+            name=f"orchestra-{run_id}",
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=dist.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    return dict(result.metrics or {})

@@ -1,0 +1,39 @@
+"""What every task gives the training loop: a model, batches for a rank, a loss, an evaluation."""
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+from torch import nn
+
+Batch = tuple[torch.Tensor, ...]
+
+
+class Task(Protocol):
+    kind: str
+    tokens_per_sample: int  # 0 when the task has no tokens (images)
+
+    def build_model(self) -> nn.Module: ...
+
+    def batches(self, *, rank: int, world: int, batch_size: int, seed: int,
+                label_flip: bool = False) -> Iterator[Batch]:
+        """An endless stream of this rank's batches (its own shard, reshuffled each epoch)."""
+        ...
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
+
+    def evaluate(self, model: nn.Module, device: torch.device, max_batches: int) -> dict[str, float]: ...
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
+def sharded_epochs(n: int, *, rank: int, world: int, seed: int) -> Iterator[torch.Tensor]:
+    """Per epoch, a permutation of 0..n-1 split across ranks (each rank its own slice)."""
+    epoch = 0
+    while True:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=g)
+        yield perm[rank::world]
+        epoch += 1
