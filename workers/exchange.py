@@ -1,82 +1,259 @@
-"""Gradient exchange under ``ddp``: all-gather of the flattened gradients, then the spec's rule.
+"""Gradient exchange between backward and the optimizer step: the spec's aggregation rule over
+every worker's gradient, with the simulated Byzantine workers' rows replaced by the attack.
 
-Plain ``mean`` without attacks needs none of this: DDP's bucketed all-reduce does it. With a
-robust rule or simulated Byzantine workers, every rank gathers all n gradients (n x d), replaces
-the Byzantine rows by the attack (seeded per step, so every rank computes the same rows), and
-applies the rule; every rank then holds the same aggregate.
+Plain ``mean`` without attacks needs none of this: DDP's (or DeepSpeed's) all-reduce does it.
+
+Two layouts, chosen by ``distributed.strategy`` (:func:`build_exchange`):
+
+* ``ddp`` -> :class:`GatherExchange`: the flattened gradient is all-gathered in buckets of
+  ``bucket_elems`` coordinates (memory ``world x bucket``, not ``world x d``); every rank applies
+  the attack and the rule to each bucket and ends with the same aggregate. Coordinate-wise rules
+  (mean, median, trimmed mean) finish in one pass. The others (Krum, Multi-Krum, Bulyan, the
+  geometric median, Flag) need the whole vectors, but only through their ``n x n`` Gram matrix,
+  which is a sum over coordinate blocks: pass 1 gathers the buckets and sums their Gram
+  matrices, the rule decides in worker space, pass 2 gathers the buckets again and applies the
+  decision. So memory stays bounded at twice the communication; when the gradient fits in one
+  bucket it is gathered once.
+* ``deepspeed`` -> :class:`ShardExchange`, a robust reduce-scatter: an all-to-all sends shard
+  ``j`` of every rank's gradient to rank ``j``, so each rank holds all ``n`` workers' values of the
+  shard it owns (``d`` numbers, as many as its own gradient); it aggregates that shard, and an
+  all-gather assembles the aggregate (the same traffic as a ring all-reduce). Coordinate-wise
+  rules are exact per shard. For the Gram-based rules each rank computes its shard's partial
+  Gram matrix, one all-reduce of ``n x n`` numbers sums them, and every rank makes the same
+  decision: the result equals the full-vector rule (up to float summation order), with no
+  ``n x d`` buffer anywhere. ``exact_shards=False`` instead decides per shard from the local Gram
+  (no extra all-reduce; Krum may then pick a different worker per shard): a blockwise rule, not
+  the rule, measured against the exact one in ``bench/robust_cpu.py``.
+
+With ZeRO 1/2 the optimizer only needs its own partition of the gradient; the final all-gather is
+kept because the loop hands a full ``p.grad`` to the engine.
+
+Every rank computes the same Byzantine rows: the attack is seeded per step (and per block for the
+Gaussian noise) from the spec's seed. Metrics: ``exchange/rule_ms`` (the rule alone, the
+collectives excluded), ``exchange/comm_ms`` and, when someone lies, ``exchange/liar_weight``
+(the liars' share of the aggregate, :func:`algorithms.aggregation.base.liar_weight`).
 """
+
+from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from service.spec import ExperimentSpec
 from workers.faults import attack_generator, chosen_ranks
 
 Exchange = Callable[[nn.Module, int], dict[str, float]]
 
+DEFAULT_BUCKET = 1 << 24  # coordinates per all-gather bucket (x world x 4 bytes of buffer)
+
 
 def _params(model: nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-class GatherExchange:
+def _flat_grad(params: list[torch.nn.Parameter]) -> Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+
+
+def _write_back(params: list[torch.nn.Parameter], agg: Tensor) -> None:
+    offset = 0
+    for p in params:
+        n = p.numel()
+        grad = agg[offset:offset + n].view_as(p).to(p.dtype)
+        if p.grad is None:
+            p.grad = grad.clone()
+        else:
+            p.grad.copy_(grad)
+        offset += n
+
+
+def _sync(t: Tensor) -> None:
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+
+
+class _RobustExchange:
+    """What both layouts share: the rule, the liars, the attack."""
+
     def __init__(self, spec: ExperimentSpec, rank: int, world: int) -> None:
-        from algorithms.aggregation.registry import build_from_config
         from algorithms.aggregation.config import MeanConfig
+        from algorithms.aggregation.registry import build_from_config
 
         agg_cfg = spec.distributed.aggregator or MeanConfig(name="mean")
         self.rule = build_from_config(agg_cfg)
+        self.rule.check(world)
         self.world, self.rank = world, rank
         self.byz_spec = spec.faults.byzantine
         self.byzantine = chosen_ranks(self.byz_spec, world)
         self.honest = [r for r in range(world) if r not in self.byzantine]
-        self.attack = None
+        self.attack: Any = None
         if self.byz_spec is not None and self.byz_spec.attack.name != "label_flip" and self.byzantine:
             from algorithms.aggregation.attacks import build_attack_from_config
 
             self.attack = build_attack_from_config(self.byz_spec.attack)
 
-    def __call__(self, model: nn.Module, step: int) -> dict[str, float]:
-        params = _params(model)
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-        gathered = torch.empty(self.world, flat.numel(), dtype=flat.dtype, device=flat.device)
-        if self.world > 1:
-            dist.all_gather_into_tensor(gathered, flat.contiguous())
-        else:
-            gathered[0] = flat
+    def _attacked(self, rows: Tensor, step: int, offset: int) -> Tensor:
+        """``rows[world, b]`` (coordinates ``offset ...``) as float32, the liars' rows replaced."""
+        rows = rows.float()
         if self.attack is not None:
-            honest = gathered[self.honest]
             gen = attack_generator(self.byz_spec, step)
-            gathered[self.byzantine] = self.attack(honest, len(self.byzantine), gen).to(gathered.dtype)
-        t0 = time.perf_counter()
-        agg = self.rule(gathered.float()).to(flat.dtype)
-        if agg.is_cuda:
-            torch.cuda.synchronize()
-        out = {"exchange/rule_ms": (time.perf_counter() - t0) * 1000.0}
-        if self.byzantine:
-            from algorithms.aggregation.base import liar_weight
+            if offset:
+                base = int(torch.randint(0, 2**62, (1,), generator=gen))
+                gen.manual_seed((base ^ (offset * 0x9E3779B1)) & (2**63 - 1))
+            rows[self.byzantine] = self.attack(rows[self.honest], len(self.byzantine), gen).to(rows.dtype)
+        return rows
 
-            out["exchange/liar_weight"] = float(liar_weight(gathered.float(), agg.float(), self.byzantine))
-        offset = 0
-        for p in params:
-            n = p.numel()
-            grad = agg[offset:offset + n].view_as(p)
-            if p.grad is None:
-                p.grad = grad.clone()
-            else:
-                p.grad.copy_(grad)
-            offset += n
+    def _metrics(self, rule_s: float, comm_s: float, mass: Tensor | None) -> dict[str, float]:
+        out = {"exchange/rule_ms": rule_s * 1000.0, "exchange/comm_ms": comm_s * 1000.0}
+        if self.byzantine and mass is not None:
+            from algorithms.aggregation.base import liar_share
+
+            out["exchange/liar_weight"] = liar_share(mass, self.byzantine)
         return out
 
 
+class GatherExchange(_RobustExchange):
+    """``ddp``: bucketed all-gather, every rank applies the rule (see the module docstring)."""
+
+    def __init__(self, spec: ExperimentSpec, rank: int, world: int, *, bucket_elems: int = DEFAULT_BUCKET) -> None:
+        super().__init__(spec, rank, world)
+        self.bucket = max(1, int(bucket_elems))
+
+    def _gather(self, flat: Tensor, s: int, e: int) -> Tensor:
+        buf = torch.empty(self.world, e - s, dtype=flat.dtype, device=flat.device)
+        if self.world > 1:
+            dist.all_gather_into_tensor(buf, flat[s:e].contiguous())
+        else:
+            buf[0] = flat[s:e]
+        return buf
+
+    def __call__(self, model: nn.Module, step: int) -> dict[str, float]:
+        params = _params(model)
+        flat = _flat_grad(params)
+        d = flat.numel()
+        spans = [(s, min(s + self.bucket, d)) for s in range(0, d, self.bucket)]
+        with_mass = bool(self.byzantine)
+        rule_s = comm_s = 0.0
+        cached: Tensor | None = None
+
+        def rows(s: int, e: int) -> Tensor:
+            nonlocal comm_s
+            if cached is not None:
+                return cached
+            t0 = time.perf_counter()
+            buf = self._gather(flat, s, e)
+            _sync(buf)
+            comm_s += time.perf_counter() - t0
+            return self._attacked(buf, step, s)
+
+        plan = None
+        if self.rule.gram_kind is not None:
+            stats = None
+            for s, e in spans:
+                block = rows(s, e)
+                if len(spans) == 1:
+                    cached = block
+                t0 = time.perf_counter()
+                part = self.rule.stats(block)
+                assert part is not None
+                stats = part if stats is None else stats + part
+                rule_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            plan = self.rule.plan(stats, self.world)
+            rule_s += time.perf_counter() - t0
+        agg = torch.empty(d, dtype=torch.float32, device=flat.device)
+        mass: Tensor | None = None
+        for s, e in spans:
+            block = rows(s, e)
+            t0 = time.perf_counter()
+            value, m = self.rule.apply(plan, block, with_mass)
+            agg[s:e] = value
+            if m is not None:
+                mass = m if mass is None else mass + m
+            _sync(agg)
+            rule_s += time.perf_counter() - t0
+        _write_back(params, agg)
+        return self._metrics(rule_s, comm_s, mass)
+
+
+class ShardExchange(_RobustExchange):
+    """``deepspeed``: robust reduce-scatter (all-to-all, rule on the owned shard, all-gather)."""
+
+    def __init__(self, spec: ExperimentSpec, rank: int, world: int, *, exact_shards: bool = True) -> None:
+        super().__init__(spec, rank, world)
+        self.exact_shards = exact_shards
+
+    def __call__(self, model: nn.Module, step: int) -> dict[str, float]:
+        params = _params(model)
+        flat = _flat_grad(params)
+        d, w = flat.numel(), self.world
+        shard = -(-d // w)
+        padded = torch.zeros(w * shard, dtype=flat.dtype, device=flat.device)
+        padded[:d] = flat
+        t0 = time.perf_counter()
+        recv = torch.empty_like(padded)
+        if w > 1:
+            dist.all_to_all_single(recv, padded)
+        else:
+            recv.copy_(padded)
+        _sync(recv)
+        comm_s = time.perf_counter() - t0
+        start = self.rank * shard
+        valid = max(0, min(shard, d - start))  # the last shards may hold padding only
+        block = self._attacked(recv.view(w, shard)[:, :valid], step, start)
+        with_mass = bool(self.byzantine)
+
+        t0 = time.perf_counter()
+        plan = None
+        if self.rule.gram_kind is not None:
+            stats = self.rule.stats(block)
+            assert stats is not None
+            if self.exact_shards and w > 1:
+                stats = stats.to(flat.device)
+                _sync(stats)
+                t1 = time.perf_counter()
+                dist.all_reduce(stats)
+                _sync(stats)
+                comm_s += time.perf_counter() - t1
+                t0 += time.perf_counter() - t1  # the all-reduce is communication, not rule time
+            plan = self.rule.plan(stats, w)
+        mine = torch.zeros(shard, dtype=torch.float32, device=flat.device)
+        mass: Tensor | None = None
+        if valid > 0:
+            value, mass = self.rule.apply(plan, block, with_mass)
+            mine[:valid] = value
+        elif with_mass:
+            mass = torch.zeros(w, dtype=torch.float64, device=flat.device)
+        _sync(mine)
+        rule_s = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        full = torch.empty(w * shard, dtype=torch.float32, device=flat.device)
+        if w > 1:
+            dist.all_gather_into_tensor(full, mine)
+            if mass is not None:
+                mass = mass.to(flat.device)
+                dist.all_reduce(mass)
+        else:
+            full.copy_(mine)
+        _sync(full)
+        comm_s += time.perf_counter() - t1
+        _write_back(params, full[:d])
+        return self._metrics(rule_s, comm_s, mass)
+
+
 def build_exchange(spec: ExperimentSpec, *, rank: int, world: int) -> Exchange | None:
+    """The exchange for the spec's strategy, or ``None`` when the plain mean all-reduce does."""
     agg = spec.distributed.aggregator
     byz = spec.faults.byzantine
     gradient_attack = byz is not None and byz.n > 0 and byz.attack.name != "label_flip"
     if (agg is None or agg.name == "mean") and not gradient_attack:
         return None
+    if spec.distributed.strategy == "deepspeed":
+        return ShardExchange(spec, rank, world)
     return GatherExchange(spec, rank, world)

@@ -77,10 +77,18 @@ class GeometricMedianConfig(RuleBase):
 
 
 class FlagConfig(RuleBase):
+    """Flag Aggregator (Almasi et al., ICLR 2024): IRLS flag median of the normalised gradients.
+
+    ``max_iter`` is the fixed IRLS budget (the authors' code hard-codes 1); ``eps`` perturbs the
+    IRLS weights (sin^2 + eps)^(-1/4) (1e-7 in the authors' code); ``lam`` weights the pairwise
+    difference terms of the regularised objective (0 in the authors' default runs).
+    """
+
     name: Literal["flag"]
     r: int | None = Field(default=None, ge=1, description="subspace dimension; default n - f")
     max_iter: int = Field(default=5, ge=1, le=1000)
-    eps: float = Field(default=1e-8, gt=0.0)
+    eps: float = Field(default=1e-7, gt=0.0)
+    lam: float = Field(default=0.0, ge=0.0, description="coefficient of the pairwise terms")
 
     def validate_for(self, n: int) -> None:
         super().validate_for(n)
@@ -112,6 +120,8 @@ class GaussianAttack(StrictModel):
 
 
 class ALIEAttack(StrictModel):
+    """A little is enough (Baruch et al. 2019): every liar sends mean - z * std of the honest rows."""
+
     name: Literal["alie"]
     z: float | None = Field(default=None, description="deviations; default from the paper's formula")
 

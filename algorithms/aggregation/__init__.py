@@ -1,0 +1,1 @@
+"""Byzantine-robust gradient aggregation rules and attacks (pure PyTorch); see ``registry``."""

@@ -1,0 +1,112 @@
+"""Byzantine attacks on the gradient exchange: ``attack(honest[h, d], f, generator) -> [f, d]``.
+
+The liars are omniscient, as in the papers: their rows are computed from the honest rows of the
+same step. Every attack is coordinate-wise in the honest rows, so it can be applied to any
+block of coordinates (a bucket, a shard) and gives the same rows as on the whole vector (the
+Gaussian one draws fresh noise per block, from the generator it is given). ``label_flip`` is not
+a gradient attack: the liars train on flipped labels (the task does it), so there is no function.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from statistics import NormalDist
+from typing import Any
+
+import torch
+from torch import Tensor
+
+AttackFn = Callable[[Tensor, int, torch.Generator], Tensor]
+
+
+def _rows(v: Tensor, f: int) -> Tensor:
+    return v.unsqueeze(0).expand(f, -1).clone()
+
+
+def sign_flip(scale: float = 1.0) -> AttackFn:
+    """Every liar sends ``-scale * mean(honest)`` (the authors' "reverse" attack uses scale 10)."""
+
+    def attack(honest: Tensor, f: int, gen: torch.Generator) -> Tensor:
+        return _rows(honest.mean(dim=0) * -scale, f)
+
+    return attack
+
+
+def gaussian(std: float = 1.0) -> AttackFn:
+    """Every liar sends independent ``N(0, std^2)`` noise, drawn from ``gen`` (seeded per step)."""
+
+    def attack(honest: Tensor, f: int, gen: torch.Generator) -> Tensor:
+        shape = (f, honest.shape[1])
+        if honest.device.type == "cpu":
+            return torch.randn(shape, generator=gen, dtype=honest.dtype) * std
+        # Drawing f*d numbers on the CPU and copying them is slow for big models: seed a generator
+        # on the tensor's device from the given one instead (deterministic per device type).
+        seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+        dev_gen = torch.Generator(device=honest.device).manual_seed(seed)
+        return torch.randn(shape, generator=dev_gen, dtype=honest.dtype, device=honest.device) * std
+
+    return attack
+
+
+def alie_z(n: int, f: int) -> float:
+    """Baruch et al.'s z_max: ``s = floor(n/2 + 1) - f`` workers must be won over, and
+    ``z = Phi^-1((n - s) / n)``."""
+    s = math.floor(n / 2 + 1) - f
+    p = (n - s) / n
+    p = min(max(p, 1e-12), 1.0 - 1e-12)
+    return NormalDist().inv_cdf(p)
+
+
+def alie(z: float | None = None) -> AttackFn:
+    """A little is enough: every liar sends ``mean - z * std`` of the honest rows (per coordinate,
+    sample std), ``z`` from the paper's formula for ``n = h + f`` unless given."""
+
+    def attack(honest: Tensor, f: int, gen: torch.Generator) -> Tensor:
+        h = honest.shape[0]
+        zz = alie_z(h + f, f) if z is None else z
+        mean = honest.mean(dim=0)
+        std = honest.std(dim=0, unbiased=True) if h > 1 else torch.zeros_like(mean)
+        return _rows(mean - zz * std, f)
+
+    return attack
+
+
+def ipm(epsilon: float = 0.1) -> AttackFn:
+    """Inner-product manipulation (Xie et al. 2020): every liar sends ``-epsilon * mean(honest)``."""
+
+    def attack(honest: Tensor, f: int, gen: torch.Generator) -> Tensor:
+        return _rows(honest.mean(dim=0) * -epsilon, f)
+
+    return attack
+
+
+_ATTACKS: dict[str, Callable[..., AttackFn]] = {
+    "sign_flip": sign_flip,
+    "gaussian": gaussian,
+    "alie": alie,
+    "ipm": ipm,
+}
+
+
+def known() -> list[str]:
+    return sorted(_ATTACKS)
+
+
+def build_attack(name: str, **params: Any) -> AttackFn:
+    if name == "label_flip":
+        raise ValueError("label_flip is a data attack (the liars train on flipped labels); "
+                         "it has no gradient function")
+    if name not in _ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; known: {', '.join(known())}, label_flip")
+    return _ATTACKS[name](**params)
+
+
+def build_attack_from_config(cfg: Any) -> AttackFn:
+    """From a validated ``AttackConfig`` (see ``config.py``)."""
+    return build_attack(cfg.name, **cfg.model_dump(exclude={"name"}))
+
+
+def flip_labels(y: Tensor, num_classes: int) -> Tensor:
+    """The label-flip attack's data: class ``k`` becomes ``num_classes - 1 - k``."""
+    return num_classes - 1 - y

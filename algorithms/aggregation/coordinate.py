@@ -1,0 +1,62 @@
+"""Mean and the coordinate-wise rules: median and trimmed mean (each coordinate on its own)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from algorithms.aggregation.base import LinearRule, Rule, coefficient_mass
+
+
+class Mean(LinearRule):
+    name = "mean"
+
+    def plan(self, stats: Tensor | None, n: int) -> Tensor:
+        return torch.full((n,), 1.0 / n, dtype=torch.float64)
+
+
+class Median(Rule):
+    """Coordinate-wise median (the mean of the two middle values when n is even, as numpy's)."""
+
+    name = "median"
+
+    def check(self, n: int) -> None:
+        super().check(n)
+        if 2 * self.f >= n:
+            raise ValueError(f"median tolerates f < n/2 (got f={self.f}, n={n})")
+
+    def apply(self, plan: Any, block: Tensor, with_mass: bool = False) -> tuple[Tensor, Tensor | None]:
+        n = block.shape[0]
+        vals, idx = torch.sort(block, dim=0)
+        lo, hi = (n - 1) // 2, n // 2
+        value = vals[lo] if lo == hi else 0.5 * (vals[lo] + vals[hi])
+        mass = None
+        if with_mass:
+            weight = 1.0 if lo == hi else 0.5
+            mass = coefficient_mass(block, idx[lo:hi + 1], weight, n)
+        return value, mass
+
+
+class TrimmedMean(Rule):
+    """Coordinate-wise: drop the f smallest and the f largest values, average the n - 2f others."""
+
+    name = "trimmed_mean"
+
+    def check(self, n: int) -> None:
+        super().check(n)
+        if 2 * self.f >= n:
+            raise ValueError(f"trimmed_mean needs n > 2f (got f={self.f}, n={n})")
+
+    def apply(self, plan: Any, block: Tensor, with_mass: bool = False) -> tuple[Tensor, Tensor | None]:
+        n = block.shape[0]
+        if self.f == 0:
+            value = block.mean(dim=0)
+            mass = block.abs().sum(dim=1, dtype=torch.float64) / n if with_mass else None
+            return value, mass
+        vals, idx = torch.sort(block, dim=0)
+        kept = slice(self.f, n - self.f)
+        value = vals[kept].mean(dim=0)
+        mass = coefficient_mass(block, idx[kept], 1.0 / (n - 2 * self.f), n) if with_mass else None
+        return value, mass
