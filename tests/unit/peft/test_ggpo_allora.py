@@ -1,0 +1,117 @@
+"""LoRA-GGPO (perturb, restore, step = manual computation) and ALLoRA (step ~ 1/norm)."""
+
+import copy
+import math
+from typing import Any
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from algorithms.peft.config import ALLoRAConfig
+from algorithms.peft.lora import lora_pairs
+from algorithms.peft.registry import apply
+from tests.unit.peft.helpers import TinyMLP, mlp_batch
+
+
+def _sgd(params: list[torch.nn.Parameter], lr: float) -> None:
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-lr)
+                p.grad = None
+
+
+def test_ggpo_step_matches_manual_computation() -> None:
+    torch.manual_seed(0)
+    rho, beta, seed, lr = 0.2, 0.5, 3, 0.1
+    handle = apply("lora_ggpo", TinyMLP(), r=2, alpha=4.0, target_modules=["fc1", "fc2"],
+                   rho=rho, beta=beta, seed=seed)
+    with torch.no_grad():
+        for p in handle.pairs:  # type: ignore[attr-defined]
+            p.B.normal_(0, 0.3)
+    ref = copy.deepcopy(handle.model)
+    originals = [p.base_weight.detach().clone() for p in handle.pairs]  # type: ignore[attr-defined]
+
+    opt = torch.optim.SGD(handle.param_groups(handle.model, lr))
+    for step in range(2):
+        handle.on_step_start(step, handle.model)
+        loss = handle.model(**mlp_batch(step))["loss"]
+        handle.before_backward(step, handle.model)
+        loss.backward()
+        handle.after_backward(step, handle.model)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    # independent re-computation of the rule in the module docstring
+    gen = torch.Generator().manual_seed(seed)
+    pairs = lora_pairs(ref)
+    prev: list[Any] = [None] * len(pairs)
+    trainable = [p for p in ref.parameters() if p.requires_grad]
+    for step in range(2):
+        saved = []
+        with torch.no_grad():
+            for p, g in zip(pairs, prev, strict=True):
+                w = p.base_weight
+                merged = w + p.scaling * p.B @ p.A
+                var = merged.pow(2).sum(1)
+                if g is not None:
+                    var = (1 - beta) * var + beta * g.pow(2).sum(1) * merged.pow(2).sum() / g.pow(2).sum()
+                std = (var * rho**2 / merged.shape[1]).sqrt()
+                saved.append(w.clone())
+                w.add_(torch.randn(w.shape, generator=gen) * std[:, None])
+        ref(**mlp_batch(step))["loss"].backward()
+        with torch.no_grad():
+            for p, s in zip(pairs, saved, strict=True):
+                p.base_weight.copy_(s)
+        prev = [p.B.grad.clone() / p.scaling for p in pairs if p.B.grad is not None]
+        _sgd(trainable, lr)
+
+    for a, b in zip(handle.model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    for p, w0 in zip(handle.pairs, originals, strict=True):  # type: ignore[attr-defined]
+        assert torch.equal(p.base_weight, w0)  # perturbation removed exactly
+
+
+def test_ggpo_perturbation_is_present_during_forward() -> None:
+    torch.manual_seed(0)
+    handle = apply("lora_ggpo", TinyMLP(), r=2, target_modules=["fc1"], rho=0.5)
+    w0 = handle.pairs[0].base_weight.detach().clone()  # type: ignore[attr-defined]
+    handle.on_step_start(0, handle.model)
+    delta = handle.pairs[0].base_weight - w0  # type: ignore[attr-defined]
+    assert float(delta.abs().max()) > 0
+    handle.after_backward(0, handle.model)
+    assert torch.equal(handle.pairs[0].base_weight, w0)  # type: ignore[attr-defined]
+
+
+def test_allora_step_is_inverse_to_norm() -> None:
+    torch.manual_seed(0)
+    eta, lr = 2.0, 0.5
+    handle = apply("allora", TinyMLP(), r=2, target_modules=["fc1", "fc2"], eta=eta)
+    pair = lora_pairs(handle.model)[0]
+    assert pair.scaling == 1.0 and isinstance(pair.layer.lora_dropout["default"], torch.nn.Identity)
+    groups = handle.param_groups(handle.model, lr)
+    opt = torch.optim.SGD(groups)
+    steps = {}
+    for norm in (5.0, 10.0, 40.0):
+        with torch.no_grad():
+            pair.A.mul_(norm / pair.A.norm())
+        handle.on_step_start(0, handle.model)
+        before = pair.A.detach().clone()
+        pair.A.grad = torch.ones_like(pair.A)
+        opt.step()
+        step = pair.A.detach() - before
+        expected = lr / math.sqrt(norm**2 + 1 / eta**2)
+        torch.testing.assert_close(step, -expected * torch.ones_like(step))
+        steps[norm] = float(step.abs().max())
+        opt.zero_grad(set_to_none=True)
+    assert steps[5.0] / steps[10.0] == pytest.approx(2.0, rel=1e-2)
+    assert steps[10.0] / steps[40.0] == pytest.approx(4.0, rel=2e-3)  # 1/norm, up to the 1/eta^2 term
+    # a zero tensor (B at init) gets the bounded rate lr * eta
+    b_group = next(g for g in groups if g["params"][0] is pair.B)
+    assert b_group["lr"] == pytest.approx(lr * eta)
+
+
+def test_allora_refuses_dropout() -> None:
+    with pytest.raises(ValidationError, match="dropout-free"):
+        ALLoRAConfig(name="allora", dropout=0.1)

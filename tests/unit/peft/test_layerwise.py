@@ -1,0 +1,93 @@
+"""LISA / OwLore: exactly the sampled blocks (plus the non-block parts) are trained."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from algorithms.peft.galore_proj import make_projector
+from algorithms.peft.layerwise import find_blocks
+from algorithms.peft.registry import apply
+from tests.unit.peft.helpers import lm_batch, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("llama"), layers=4)
+
+
+def _changed_blocks(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> tuple[set[int], set[str]]:
+    blocks, others = set(), set()
+    for n, p in model.named_parameters():
+        if not torch.equal(before[n], p.detach()):
+            if ".layers." in n:
+                blocks.add(int(n.split(".layers.")[1].split(".")[0]))
+            else:
+                others.add(n)
+    return blocks, others
+
+
+def _step(handle, opt, step):  # type: ignore[no-untyped-def]
+    handle.on_step_start(step, handle.model)
+    loss = handle.model(**lm_batch(step)).loss
+    handle.before_backward(step, handle.model)
+    loss.backward()
+    handle.after_backward(step, handle.model)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", ["lisa", "owlore"])
+def test_exactly_the_sampled_layers_train(llama_dir: Path, name: str) -> None:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(llama_dir))
+    extra = {"rank": 4, "update_proj_gap": 1} if name == "owlore" else {}
+    handle = apply(name, model, n_layers=2, interval=2, seed=1, **extra)
+    opt = torch.optim.AdamW(handle.param_groups(handle.model, 1e-2))
+    non_block = {n for n, _ in model.named_parameters() if ".layers." not in n}
+    seen = []
+    for step in range(4):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        _step(handle, opt, step)
+        active = handle.active  # type: ignore[attr-defined]
+        assert len(active) == 2
+        blocks, others = _changed_blocks(model, before)
+        assert blocks == set(active)
+        assert others == non_block
+        seen.append(tuple(active))
+    assert seen[0] == seen[1] and seen[2] == seen[3]  # resampled only every `interval` steps
+
+
+def test_owlore_probabilities_follow_outlier_ratio(llama_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(str(llama_dir))
+    blocks: Any = find_blocks(model)
+    with torch.no_grad():  # plant outliers: many in block 2, a few in block 0
+        blocks[2].mlp.down_proj.weight[:, :8] = 50.0
+        blocks[0].mlp.down_proj.weight[0, :2] = 50.0
+    handle = apply("owlore", model, n_layers=1, outlier_threshold=7.0)
+    probs = handle.probs  # type: ignore[attr-defined]
+    assert probs.argmax() == 2 and probs[0] > probs[1] and probs[0] > probs[3]
+    # probabilities are the normalised ratios (fraction of weights above tau * mean)
+    scores = torch.cat([m.weight.abs().flatten() for m in blocks[2].modules()
+                        if isinstance(m, torch.nn.Linear)])
+    ratio2 = float((scores > 7.0 * scores.mean()).float().mean())
+    assert ratio2 > 0
+    counts = torch.bincount(torch.stack([torch.multinomial(probs, 1) for _ in range(400)]).flatten(),
+                            minlength=4)
+    assert counts[2] > 200
+
+
+def test_projection_matches_galore_torch() -> None:
+    from galore_torch.galore_projector import GaLoreProjector
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(20, 12), (12, 20)]:
+        grad = torch.randn(*shape, generator=g)
+        oracle = GaLoreProjector(rank=4, update_proj_gap=10, scale=1.0, proj_type="std")
+        ours = make_projector(grad, 4)
+        low = ours.project(grad)
+        torch.testing.assert_close(low.abs(), oracle.project(grad, 0).abs(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ours.project_back(low), oracle.project_back(oracle.project(grad, 0)),
+                                   atol=1e-5, rtol=1e-4)
