@@ -37,12 +37,28 @@ class SGDConfig(OptimizerBase):
 class LowRankMixin(StrictModel):
     rank: int = Field(default=128, ge=1)
     update_proj_gap: int = Field(default=200, ge=1)
+    moments_on_change: Literal["project", "keep"] = Field(
+        default="project",
+        description="when the subspace is refreshed: 'project' carries the Adam moments into the new "
+        "basis (first moment by the basis-change matrix T, second by T squared elementwise); 'keep' "
+        "leaves them as they are (what galore-torch and DCTAdamW(rotate_subspace=False) do)",
+    )
 
     def check_distributed(self, strategy: str, zero_stage: int | None) -> None:
-        if strategy == "deepspeed" and zero_stage not in (None, 0):
+        """Projections act on whole matrices, so ZeRO's flat partitions cannot hold them.
+
+        ZeRO stages 1 and 2 (optimizer-state, and gradient, partitioning) are run as whole-matrix
+        partitioning instead (``algorithms.optimizers.partitioned.PartitionedOptimizer``: each rank
+        owns whole parameters, keeps optimizer state only for those, and broadcasts the updated
+        weights), which gives the same memory saving for the optimizer state. ZeRO stage 3 also
+        shards the parameters themselves, so no rank holds a whole matrix outside the forward and
+        backward passes: rejected.
+        """
+        if strategy == "deepspeed" and zero_stage == 3:
             raise ValueError(
-                "per-matrix projections need whole parameters: use deepspeed zero_stage 0 "
-                f"(got {zero_stage}) or strategy ddp"
+                "per-matrix projections need whole parameters, which ZeRO stage 3 shards: use "
+                "deepspeed zero_stage 0, 1 or 2 (stages 1 and 2 run as whole-matrix optimizer-state "
+                "partitioning: each rank owns whole matrices) or strategy ddp"
             )
 
 

@@ -1,11 +1,17 @@
-"""Optimizer registry (seed by the lead with torch's adamw and sgd; the optimizer family extends it)."""
+"""Optimizer registry: ``build(name, params, **hparams)`` and ``build_from_config(cfg, params)``.
+
+Hyperparameters are validated by the pydantic model of that optimizer (``config.py``) before the
+optimizer is built, so ``build`` refuses what the spec would refuse. Closure-based optimizers
+(``needs_closure = True``: sam, adazo_sam, lorenza) take the worker loop's
+``forward_backward(backward: bool) -> loss`` in ``step``.
+"""
 
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from algorithms.optimizers.config import AdamWConfig, OptimizerBase, SGDConfig
+from algorithms.optimizers import config as C
 
 Builder = Callable[..., torch.optim.Optimizer]
 _REGISTRY: dict[str, Builder] = {}
@@ -17,27 +23,42 @@ def register(name: str, builder: Builder) -> None:
     _REGISTRY[name] = builder
 
 
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
 def build(name: str, params: Iterable[Any], **hparams: Any) -> torch.optim.Optimizer:
     if name not in _REGISTRY:
         raise ValueError(f"unknown optimizer {name!r}; known: {sorted(_REGISTRY)}")
     return _REGISTRY[name](params, **hparams)
 
 
-def build_from_config(cfg: OptimizerBase, params: Iterable[Any]) -> torch.optim.Optimizer:
+def build_from_config(cfg: C.OptimizerBase, params: Iterable[Any]) -> torch.optim.Optimizer:
     return build(cfg.name, params, **cfg.model_dump(exclude={"name"}))
 
 
+def _validated(cls: type[C.OptimizerBase], name: str, h: dict[str, Any]) -> dict[str, Any]:
+    return cls(name=name, **h).model_dump(exclude={"name"})
+
+
 def _adamw(params: Iterable[Any], **h: Any) -> torch.optim.Optimizer:
-    AdamWConfig(name="adamw", **h)
-    return torch.optim.AdamW(params, lr=h["lr"], betas=tuple(h.get("betas", (0.9, 0.999))),
-                             eps=h.get("eps", 1e-8), weight_decay=h.get("weight_decay", 0.0))
+    c = _validated(C.AdamWConfig, "adamw", h)
+    return torch.optim.AdamW(params, lr=c["lr"], betas=tuple(c["betas"]), eps=c["eps"],
+                             weight_decay=c["weight_decay"])
 
 
 def _sgd(params: Iterable[Any], **h: Any) -> torch.optim.Optimizer:
-    SGDConfig(name="sgd", **h)
-    return torch.optim.SGD(params, lr=h["lr"], momentum=h.get("momentum", 0.0),
-                           nesterov=h.get("nesterov", False), weight_decay=h.get("weight_decay", 0.0))
+    c = _validated(C.SGDConfig, "sgd", h)
+    return torch.optim.SGD(params, lr=c["lr"], momentum=c["momentum"], nesterov=c["nesterov"],
+                           weight_decay=c["weight_decay"])
+
+
+def _galore(params: Iterable[Any], **h: Any) -> torch.optim.Optimizer:
+    from algorithms.optimizers.galore import GaLore
+
+    return GaLore(params, **_validated(C.GaLoreConfig, "galore", h))
 
 
 register("adamw", _adamw)
 register("sgd", _sgd)
+register("galore", _galore)
