@@ -2,12 +2,14 @@
 API, and token auth on), a local MLflow server (SQLite backend, local artifacts), the database
 migrated; every process started here is stopped on exit."""
 
+import hashlib
 import os
 import secrets
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,12 @@ class Stack:
     def database_url(self) -> str:
         return f"sqlite:///{self.home / 'orchestra.db'}"
 
+    @property
+    def ray_temp_dir(self) -> Path:
+        """Ray's session folder, one per home (not the shared /tmp/ray), short for Unix sockets."""
+        digest = hashlib.sha1(str(self.home.resolve()).encode()).hexdigest()[:10]
+        return Path(tempfile.gettempdir()) / f"orchestra-ray-{digest}"
+
     def _token_path(self) -> Path:
         path = self.home / "ray_auth_token"
         if not path.exists():
@@ -68,9 +76,9 @@ class Stack:
             "ORCHESTRA_MLFLOW_TRACKING_URI": self.mlflow_uri,
         }
 
-    def _spawn(self, name: str, cmd: list[str]) -> None:
+    def _spawn(self, name: str, cmd: list[str], **extra_env: str) -> None:
         log = open(self.home / "logs" / f"{name}.log", "ab")
-        env = {**os.environ, **self.env()}
+        env = {**os.environ, **self.env(), **extra_env}
         self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                            start_new_session=True))
 
@@ -89,11 +97,14 @@ class Stack:
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                             f"--ray-client-server-port={client_port}",
                             f"--dashboard-agent-listen-port={agent_port}",
-                            f"--num-cpus={cpus}", "--include-dashboard=true", "--disable-usage-stats"])
+                            f"--num-cpus={cpus}", "--include-dashboard=true", "--disable-usage-stats",
+                            f"--temp-dir={self.ray_temp_dir}"])
         self._spawn("mlflow", [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port",
                                str(self.mlflow_port), "--workers", "1", "--backend-store-uri",
                                f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}",
-                               "--artifacts-destination", str(self.home / "mlflow" / "artifacts")])
+                               "--artifacts-destination", str(self.home / "mlflow" / "artifacts")],
+                    # MLflow 3's GenAI job runner (a pool of huey consumers) is not used here: off
+                    MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
 
     def wait_ready(self, timeout_s: float = 180.0) -> None:
         deadline = time.monotonic() + timeout_s

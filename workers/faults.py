@@ -50,6 +50,10 @@ def maybe_kill(faults: FaultsSpec, *, rank: int, step: int, restored: bool) -> N
     """Kill this worker process at ``faults.kill.step`` on the first attempt (not after a restore)."""
     kill = faults.kill
     if kill is not None and not restored and rank == kill.rank and step == kill.step:
+        # Ray Train's controller collects reported checkpoints when it polls the workers (every
+        # 2 s by default): a crash that lands within the same poll as the last checkpoint would
+        # lose it. Wait out two polls so that the fault models "crash after the last checkpoint".
+        time.sleep(float(os.environ.get("ORCHESTRA_KILL_GRACE_S", "5")))
         print(f"[orchestra] fault injection: killing rank {rank} at step {step}", flush=True)
         os._exit(17)
 

@@ -16,7 +16,9 @@ def scaling_config(spec: ExperimentSpec) -> Any:
 
 
 def run_trainer(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_id: str,
-                storage_path: str, log_spec: bool = True) -> dict[str, Any]:
+                storage_path: str, log_spec: bool = True, callbacks: list[Any] | None = None,
+                report_eval: bool = False) -> dict[str, Any]:
+    """Train; ``report_eval`` also reports each evaluation to Ray (for a sweep's Tune scheduler)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -26,7 +28,7 @@ def run_trainer(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_ru
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"spec": spec.resolved(), "mlflow_uri": mlflow_uri, "mlflow_run_id": mlflow_run_id,
-                           "log_spec": log_spec},
+                           "log_spec": log_spec, "report_eval": report_eval},
         torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
         scaling_config=scaling_config(spec),
         run_config=RunConfig(
@@ -34,6 +36,7 @@ def run_trainer(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_ru
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=dist.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
     )
     result = trainer.fit()

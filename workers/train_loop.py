@@ -130,9 +130,13 @@ def train_worker(config: dict[str, Any]) -> None:
             metrics = {}
             window_t, window_steps, window_loss = time.perf_counter(), 0, 0.0
         if done % eval_every == 0 or done == train.max_steps:
+            evaluated: dict[str, float] = {}
             if rank == 0:
-                logger.metrics(task.evaluate(checkpoint.unwrap(model), device, train.eval_batches), step=done)
+                evaluated = task.evaluate(checkpoint.unwrap(model), device, train.eval_batches)
+                logger.metrics(evaluated, step=done)
             logger.flush()
+            if config.get("report_eval"):  # a sweep trial: Tune's scheduler sees every evaluation
+                ray.train.report({"step": done, **evaluated})
         if done % ckpt_every == 0 or done == train.max_steps:
             logger.flush()
             if engine is not None:

@@ -77,3 +77,23 @@ def test_killed_worker_resumes_from_checkpoint(api, stack) -> None:  # type: ign
     history = MlflowClient(stack.mlflow_uri).get_metric_history(exp["runs"][0]["mlflow_run_id"], "train/loss")
     steps = sorted({m.step for m in history})
     assert steps[-1] == 60
+
+
+def test_sweep_runs_trials_as_mlflow_child_runs(api, stack) -> None:  # type: ignore[no-untyped-def]
+    client = httpx.Client(base_url=api.url, timeout=30)
+    spec = small_spec("it-sweep", max_steps=20, eval_every=10, log_every=5)
+    spec["distributed"]["num_workers"] = 1
+    spec["sweep"] = {"parameters": {"optimizer.lr": {"grid": [0.001, 0.01]}}, "num_samples": 1,
+                     "metric": "eval/loss", "mode": "min", "max_concurrent_trials": 1}
+    exp = client.post("/v1/experiments", json=spec).json()
+    exp = wait_for(client, exp["id"], {"succeeded", "failed", "cancelled"})
+    run = exp["runs"][0]
+    assert exp["status"] == "succeeded", run["error"]
+    mlflow = MlflowClient(stack.mlflow_uri)
+    parent = mlflow.get_run(run["mlflow_run_id"])
+    children = mlflow.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(float(c.data.params["sweep.optimizer.lr"]) for c in children) == [0.001, 0.01]
+    assert all(c.info.status == "FINISHED" and "eval/loss" in c.data.metrics for c in children)
+    best = min(c.data.metrics["eval/loss"] for c in children)
+    assert parent.data.metrics["sweep/best/eval/loss"] == pytest.approx(best)

@@ -3,6 +3,7 @@ transformers config (random init) or a pretrained one from a local path."""
 
 import math
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ def build_decoder(spec: TransformerModel, vocab: int, seq_len: int) -> nn.Module
 
     max_pos = spec.max_position or seq_len
     if spec.name == "llama":
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=spec.hidden, num_hidden_layers=spec.layers,
+        cfg: Any = LlamaConfig(vocab_size=vocab, hidden_size=spec.hidden, num_hidden_layers=spec.layers,
                           num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads or spec.heads,
                           intermediate_size=spec.intermediate or int(8 * spec.hidden / 3 // 64 + 1) * 64,
                           max_position_embeddings=max_pos, tie_word_embeddings=False,

@@ -1,0 +1,139 @@
+"""A sweep: a Ray Tune ``Tuner`` whose trials each run the spec's training as a Ray Train job.
+
+Every trial is the spec with the sampled values set at their paths, validated again, and gets an
+MLflow child run of the experiment's run (tag ``mlflow.parentRunId``); the trial's workers log to
+it directly, and report their eval metrics to Tune (through Ray Train's ``TuneReportCallback``) so
+that ASHA can stop poor trials early. The parent run gets the best trial's values and metric.
+"""
+
+import copy
+import math
+import os
+from typing import Any
+
+from service.spec import ExperimentSpec
+from service.spec.sweep import SweepSpec
+from workers.mlflow_log import RunLogger
+
+
+def set_path(doc: dict[str, Any], path: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict (the spec's sweep paths were checked at validation)."""
+    *parents, leaf = path.split(".")
+    node = doc
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def search_space(sweep: SweepSpec) -> dict[str, Any]:
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    for path, dist in sweep.parameters.items():
+        kind, values = next(iter(dist.items()))
+        if kind == "uniform":
+            space[path] = tune.uniform(values[0], values[1])
+        elif kind == "loguniform":
+            space[path] = tune.loguniform(values[0], values[1])
+        elif kind == "randint":
+            space[path] = tune.randint(int(values[0]), int(values[1]))
+        elif kind == "choice":
+            space[path] = tune.choice(values)
+        else:
+            space[path] = tune.grid_search(values)
+    return space
+
+
+def trial_spec(base: dict[str, Any], values: dict[str, Any]) -> ExperimentSpec:
+    doc = copy.deepcopy(base)
+    doc.pop("sweep", None)
+    for path, value in values.items():
+        set_path(doc, path, value)
+    return ExperimentSpec.model_validate(doc)
+
+
+def concurrent_trials(spec: ExperimentSpec, cluster_cpus: float, cluster_gpus: float) -> int:
+    """Trials that fit at once: each holds its workers (and a little for the trial's own actor)."""
+    dist, sweep = spec.distributed, spec.sweep
+    assert sweep is not None
+    if sweep.max_concurrent_trials:
+        return sweep.max_concurrent_trials
+    per_worker = dist.resources_per_worker or {"CPU": 1.0, **({"GPU": 1.0} if dist.use_gpu else {})}
+    fits = [math.floor(cluster_cpus / max(per_worker.get("CPU", 1.0) * dist.num_workers + 0.5, 1e-9))]
+    if dist.use_gpu:
+        fits.append(math.floor(cluster_gpus / max(per_worker.get("GPU", 1.0) * dist.num_workers, 1e-9)))
+    return max(1, min(fits))
+
+
+def run_sweep(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_id: str,
+              storage_path: str) -> dict[str, Any]:
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from workers.launch_train import run_trainer
+
+    sweep = spec.sweep
+    assert sweep is not None and spec.train is not None
+    base = spec.resolved()
+    parent = RunLogger(mlflow_uri, mlflow_run_id)
+    parent.log_spec(base)
+    client = MlflowClient(tracking_uri=mlflow_uri) if mlflow_uri and mlflow_run_id else None
+    experiment_id = client.get_run(mlflow_run_id).info.experiment_id if client else ""
+
+    def trial(config: dict[str, Any]) -> None:
+        values = {k: config[k] for k in sweep.parameters}
+        tspec = trial_spec(base, values)
+        child_id = ""
+        if client is not None:
+            ctx = tune.get_context()
+            child = client.create_run(experiment_id, run_name=f"{spec.name}-{ctx.get_trial_name()}",
+                                      tags={"mlflow.parentRunId": mlflow_run_id, "orchestra.run_id": run_id,
+                                            "orchestra.trial": ctx.get_trial_id()})
+            child_id = child.info.run_id
+            for path, value in values.items():
+                client.log_param(child_id, f"sweep.{path}", value)
+        status = "FAILED"
+        try:
+            run_trainer(tspec, run_id=f"{run_id}-{tune.get_context().get_trial_id()}", mlflow_uri=mlflow_uri,
+                        mlflow_run_id=child_id, storage_path=storage_path, callbacks=[TuneReportCallback()],
+                        report_eval=True)
+            status = "FINISHED"
+        finally:
+            if client is not None and child_id:
+                client.set_terminated(child_id, status=status)
+
+    scheduler: Any = FIFOScheduler()
+    if sweep.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="step", max_t=spec.train.max_steps,
+                                  grace_period=max(1, spec.train.eval_every or spec.train.max_steps))
+    resources = ray.cluster_resources() if ray.is_initialized() else {}
+    if not resources:
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), ignore_reinit_error=True)
+        resources = ray.cluster_resources()
+    tuner = tune.Tuner(
+        trial,
+        param_space=search_space(sweep),
+        tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
+                                    scheduler=scheduler,
+                                    max_concurrent_trials=concurrent_trials(spec, resources.get("CPU", 1.0),
+                                                                            resources.get("GPU", 0.0))),
+        run_config=tune.RunConfig(name=f"orchestra-{run_id}-sweep", storage_path=storage_path),
+    )
+    results = tuner.fit()
+    best = results.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="last")
+    trials = [results[i] for i in range(len(results))]
+    errors = [r for r in trials if r.error is not None]
+    summary = {"sweep/trials": float(len(trials)), "sweep/failed_trials": float(len(errors))}
+    if best is not None and best.config and best.metrics and sweep.metric in best.metrics:
+        summary[f"sweep/best/{sweep.metric}"] = float(best.metrics[sweep.metric])
+        if client is not None:
+            for path in sweep.parameters:
+                client.log_param(mlflow_run_id, f"sweep.best.{path}", best.config[path])
+    parent.metrics(summary, step=spec.train.max_steps)
+    parent.flush()
+    if len(errors) == len(trials):
+        raise RuntimeError(f"every trial of the sweep failed; first error: {errors[0].error}")
+    return summary
