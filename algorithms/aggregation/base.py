@@ -52,13 +52,14 @@ class _Fp32Matmul:
 
 
 def gram(block: Tensor, centered: bool) -> Tensor:
-    """``block @ block.T`` in float64 (fp32 products, accumulated per block in float64).
+    """``block @ block.T`` as float64 (products in fp32, or fp64 for fp64 input; summed over blocks
+    in float64).
 
     ``centered`` subtracts the workers' mean from each coordinate first (the pairwise distances,
     which are all Krum and Weiszfeld need, are unchanged by it, and the cancellation in
     ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j`` is avoided). Per-coordinate centring is additive over blocks.
     """
-    x = block.float()
+    x = block if block.dtype == torch.float64 else block.float()
     if centered:
         x = x - x.mean(dim=0, keepdim=True)
     with _Fp32Matmul():

@@ -36,6 +36,14 @@ def krum_scores(d2: Tensor, f: int, active: Tensor | None = None) -> Tensor:
     return scores
 
 
+def argmin_tied(scores: Tensor, rtol: float = 1e-6) -> int:
+    """The first index whose score is within ``rtol`` of the minimum: exact ties are common (the two
+    rows of a mutual-nearest pair have the same score when one neighbour counts), and the Gram
+    matrix's rounding must not decide them."""
+    low = float(scores.min())
+    return int(torch.nonzero(scores <= low + rtol * abs(low))[0])
+
+
 def _check_krum(name: str, f: int, n: int) -> None:
     if n < 2 * f + 3:
         raise ValueError(f"{name} needs n >= 2f + 3 (got f={f}, n={n})")
@@ -55,7 +63,7 @@ class Krum(LinearRule):
         assert stats is not None
         scores = krum_scores(distances_from_gram(stats.cpu()), self.f)
         coef = torch.zeros(n, dtype=torch.float64)
-        coef[int(torch.argmin(scores))] = 1.0
+        coef[argmin_tied(scores)] = 1.0
         return coef
 
     def apply(self, plan: Any, block: Tensor, with_mass: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -101,7 +109,7 @@ def bulyan_selection(d2: Tensor, f: int) -> Tensor:
     active = torch.ones(n, dtype=torch.bool)
     picked = []
     for _ in range(n - 2 * f):
-        best = int(torch.argmin(krum_scores(d2, f, active)))
+        best = argmin_tied(krum_scores(d2, f, active))
         picked.append(best)
         active[best] = False
     return torch.tensor(picked, dtype=torch.long)
