@@ -1,0 +1,177 @@
+"""Average, task arithmetic, TIES and aTLAS against hand-computed values and their defining rules."""
+
+import pytest
+import torch
+from torch import nn
+
+from algorithms.merging.atlas import AtlasMerger
+from algorithms.merging.registry import build
+from algorithms.merging.ties import ties_state_dicts, trim_top_magnitude
+
+from ._models import assert_same_state, digits_mlp, state_of
+
+
+class Pair(nn.Module):
+    """Two named parameter tensors, for hand-computed examples."""
+
+    def __init__(self, a: list[float], b: list[float]) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a))
+        self.b = nn.Parameter(torch.tensor(b))
+        self.register_buffer("steps", torch.tensor(7))  # an integer buffer: copied, never averaged
+
+
+@pytest.mark.parametrize(
+    ("name", "hparams", "needs_base"),
+    [
+        ("average", {}, False),
+        ("task_arithmetic", {"scaling": 1.0 / 3.0}, True),
+        ("ties", {"density": 1.0}, True),
+        ("atlas", {"steps": 0}, True),
+        ("pleas", {"ridge": 0.0}, False),
+    ],
+)
+def test_merging_identical_models_returns_the_model(name: str, hparams: dict, needs_base: bool) -> None:
+    torch.manual_seed(0)
+    model, base = digits_mlp(), digits_mlp()
+    x = torch.randn(300, 64)
+    copies = [model, digits_mlp(), digits_mlp()] if name != "pleas" else [model, digits_mlp()]
+    for c in copies[1:]:
+        c.load_state_dict(model.state_dict())
+    before = [state_of(m) for m in copies]
+    merged = build(name, **hparams).merge(copies, base=base if needs_base else None, data=[x])
+    assert merged is not model
+    torch.testing.assert_close(merged(x), model(x), atol=1e-5, rtol=1e-5)
+    if name != "pleas":  # pleas refits the layers: the same function, weights equal up to round-off
+        assert_same_state(state_of(merged), state_of(model), atol=1e-6)
+    for m, s in zip(copies, before, strict=True):
+        assert_same_state(state_of(m), s)  # inputs untouched
+
+
+def test_average_by_hand_weighted_and_integer_buffers_copied() -> None:
+    m1, m2 = Pair([1.0, 2.0], [0.0]), Pair([3.0, -2.0], [4.0])
+    out = build("average").merge([m1, m2])
+    torch.testing.assert_close(out.a, torch.tensor([2.0, 0.0]))
+    torch.testing.assert_close(out.b, torch.tensor([2.0]))
+    out = build("average", weights=[1.0, 3.0]).merge([m1, m2])  # normalised to 1/4, 3/4
+    torch.testing.assert_close(out.a, torch.tensor([2.5, -1.0]))
+    torch.testing.assert_close(out.b, torch.tensor([3.0]))
+    steps = out.get_buffer("steps")
+    assert steps.item() == 7 and steps.dtype == torch.int64
+
+
+def test_task_arithmetic_by_hand() -> None:
+    base = Pair([1.0, 1.0], [0.0])
+    m1, m2 = Pair([2.0, 0.0], [1.0]), Pair([1.0, 3.0], [-3.0])
+    out = build("task_arithmetic", scaling=0.5).merge([m1, m2], base=base)
+    # tau1 = [1, -1 | 1], tau2 = [0, 2 | -3]; base + 0.5 * (tau1 + tau2)
+    torch.testing.assert_close(out.a, torch.tensor([1.5, 1.5]))
+    torch.testing.assert_close(out.b, torch.tensor([-1.0]))
+    with pytest.raises(ValueError, match="needs a base"):
+        build("task_arithmetic").merge([m1, m2])
+
+
+def test_ties_hand_computed_example() -> None:
+    base = {"w": torch.ones(4)}
+    taus = [[3.0, -1.0, 0.5, -4.0], [-2.0, -2.0, 1.0, 1.0], [1.0, 3.0, -0.2, -0.1]]
+    sds = [{"w": base["w"] + torch.tensor(t)} for t in taus]
+    # trim (top 2 of 4 by magnitude): [3,0,0,-4], [-2,-2,0,0], [1,3,0,0]
+    # elect: sign([2, 1, 0, -4]) = [+, +, 0, -]; disjoint mean: [(3+1)/2, 3, 0, -4]
+    out = ties_state_dicts(sds, base, density=0.5, scaling=0.5, trim_scope="tensor")
+    torch.testing.assert_close(out["w"], torch.tensor([1.0, 1.0, 1.0, 1.0]) + 0.5 * torch.tensor([2.0, 3.0, 0.0, -4.0]))
+    # the same through the merger, on modules
+    m_base = Pair([1.0, 1.0], [1.0, 1.0])
+    mods = [Pair(t[:2], t[2:]) for t in ([4.0, 0.0, 1.5, -3.0], [-1.0, -1.0, 2.0, 2.0], [2.0, 4.0, 0.8, 0.9])]
+    merged = build("ties", density=0.5, scaling=0.5, trim_scope="global").merge(mods, base=m_base)
+    torch.testing.assert_close(merged.a, torch.tensor([2.0, 2.5]))
+    torch.testing.assert_close(merged.b, torch.tensor([1.0, -1.0]))
+
+
+def test_ties_trim_scope_global_versus_tensor() -> None:
+    tau = {"a": torch.tensor([5.0, 4.0]), "b": torch.tensor([0.2, -0.1])}
+    glob = trim_top_magnitude(tau, 0.5, "global")
+    per = trim_top_magnitude(tau, 0.5, "tensor")
+    torch.testing.assert_close(glob["a"], torch.tensor([5.0, 4.0]))
+    torch.testing.assert_close(glob["b"], torch.tensor([0.0, 0.0]))
+    torch.testing.assert_close(per["a"], torch.tensor([5.0, 0.0]))
+    torch.testing.assert_close(per["b"], torch.tensor([0.2, 0.0]))
+
+
+def _teacher_problem() -> tuple[nn.Module, nn.Module, list[nn.Module], torch.Tensor]:
+    """A base MLP, a teacher, and two 'fine-tuned' models whose task vectors point at the teacher
+    but overshoot or undershoot it: m1 moved the hidden layers 4x as far (coefficient 1/4 undoes
+    it), m2 moved the output layer half as far (coefficient 2). With these block-wise coefficients
+    base + sum_t Lambda_t tau_t is exactly the teacher; no single scalar (task arithmetic) is."""
+    torch.manual_seed(0)
+    base, teacher = digits_mlp(16, 16), digits_mlp(16, 16)
+    m1, m2 = digits_mlp(16, 16), digits_mlp(16, 16)
+    tb, tt = base.state_dict(), teacher.state_dict()
+    m1.load_state_dict({k: tb[k] + (4.0 * (tt[k] - tb[k]) if k in HIDDEN else 0.0) for k in tb})
+    m2.load_state_dict({k: tb[k] + (0.5 * (tt[k] - tb[k]) if k not in HIDDEN else 0.0) for k in tb})
+    return base, teacher, [m1, m2], torch.randn(256, 64)
+
+
+HIDDEN = {"1.weight", "1.bias", "3.weight", "3.bias"}
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor | None = None) -> list:
+    return [x[i : i + 64] if y is None else (x[i : i + 64], y[i : i + 64]) for i in range(0, len(x), 64)]
+
+
+def test_atlas_recovers_the_blockwise_optimum() -> None:
+    """Soft targets from the teacher: the cross-entropy's unique minimiser over the coefficients is
+    the teacher's (1/4 on m1's hidden blocks, 2 on m2's output block); aTLAS must find it, and the
+    merged model must be exactly base + sum_t coef[t, block] * tau_t[block]."""
+    base, teacher, models, x = _teacher_problem()
+    with torch.no_grad():
+        probs = torch.softmax(teacher(x), dim=-1)
+    merger = AtlasMerger(steps=300, lr=0.1)
+    merged = merger.merge(models, base=base, data=[(x, probs)])
+    coef = merger.coefficients_
+    for block in HIDDEN:
+        assert abs(float(coef[block][0]) - 0.25) < 0.02, (block, coef[block])
+    for block in ("5.weight", "5.bias"):
+        assert abs(float(coef[block][1]) - 2.0) < 0.02, (block, coef[block])
+    bs, m_sd = base.state_dict(), merged.state_dict()
+    for block, c in coef.items():
+        expect = bs[block] + sum(ci * (m.state_dict()[block] - bs[block]) for ci, m in zip(c, models, strict=True))
+        torch.testing.assert_close(m_sd[block], expect, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.softmax(merged(x), -1), probs, atol=5e-3, rtol=0.0)
+
+
+@pytest.mark.parametrize("unlabelled", [False, True])
+def test_atlas_lowers_its_objective_below_the_isotropic_start(unlabelled: bool) -> None:
+    """Hard labels (cross-entropy) or no labels (prediction entropy): the learned coefficients give
+    a lower objective, measured here on the merged model, than the start (task arithmetic, 1/n)."""
+    base, teacher, models, x = _teacher_problem()
+    y = teacher(x).argmax(1).detach()
+    merger = AtlasMerger(steps=100, lr=0.05, unlabelled=unlabelled)
+    merged = merger.merge(models, base=base, data=_batches(x) if unlabelled else _batches(x, y))
+    start = build("task_arithmetic", scaling=0.5).merge(models, base=base)
+
+    def objective(model: nn.Module, n: int = len(x)) -> float:
+        with torch.no_grad():
+            logits = model(x[:n])
+        if unlabelled:
+            logp = torch.log_softmax(logits, -1)
+            return float(-(logp.exp() * logp).sum(-1).mean())
+        return float(nn.functional.cross_entropy(logits, y[:n]))
+
+    assert objective(merged) < objective(start) - 0.01
+    assert merger.losses_[0] == pytest.approx(objective(start, 64), rel=1e-5)  # first step: the start
+
+
+def test_atlas_with_inputs_equal_to_base_returns_them() -> None:
+    base, _, _, x = _teacher_problem()
+    data = _batches(x, torch.zeros(len(x), dtype=torch.long))
+    copies = [digits_mlp(16, 16), digits_mlp(16, 16)]
+    for c in copies:
+        c.load_state_dict(base.state_dict())
+    merged = build("atlas", steps=5).merge(copies, base=base, data=data)
+    assert_same_state(state_of(merged), state_of(base))
+
+
+def test_mismatched_models_are_refused() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        build("average").merge([digits_mlp(16, 16), digits_mlp(32, 16)])

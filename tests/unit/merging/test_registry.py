@@ -1,0 +1,55 @@
+import subprocess
+import sys
+
+import pytest
+from pydantic import TypeAdapter, ValidationError
+
+from algorithms.merging.base import Merger
+from algorithms.merging.config import MergeConfig
+from algorithms.merging.registry import build, build_from_config, known, register
+
+CONFIGS = [
+    {"method": "average", "inputs": ["a", "b"], "weights": [1.0, 3.0]},
+    {"method": "task_arithmetic", "inputs": ["a", "b"], "base": "c", "scaling": 0.5},
+    {"method": "ties", "inputs": ["a", "b", "d"], "base": "c", "density": 0.3, "trim_scope": "tensor"},
+    {"method": "pleas", "inputs": ["a", "b"], "target_width": 1.5, "propagate": True},
+    {"method": "atlas", "inputs": ["a", "b"], "base": "c", "steps": 5, "unlabelled": True},
+]
+
+
+@pytest.mark.parametrize("raw", CONFIGS, ids=lambda r: r["method"])
+def test_build_from_config_passes_hyperparameters(raw: dict) -> None:
+    cfg = TypeAdapter(MergeConfig).validate_python(raw)
+    merger = build_from_config(cfg)
+    assert isinstance(merger, Merger)
+    for key, value in raw.items():
+        if key not in ("method", "inputs", "base"):
+            assert getattr(merger, key) == value, key
+
+
+def test_known_methods_and_errors() -> None:
+    assert known() == ["atlas", "average", "pleas", "task_arithmetic", "ties"]
+    with pytest.raises(ValueError, match="unknown merging method 'soup'.*average"):
+        build("soup")
+    with pytest.raises(ValueError, match="already registered"):
+        register("ties", lambda **kw: build("ties"))
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"method": "average", "inputs": ["a", "b"], "weights": [1.0]}, "one per input"),
+        ({"method": "pleas", "inputs": ["a", "b", "c"]}, "exactly 2 models"),
+        ({"method": "ties", "inputs": ["a", "b"], "density": 0.0}, "greater than 0"),
+        ({"method": "average", "inputs": ["a"]}, "at least 2"),
+        ({"method": "pleas", "inputs": ["a", "b"], "width": 1.0}, "Extra inputs"),
+    ],
+)
+def test_bad_configs(raw: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        TypeAdapter(MergeConfig).validate_python(raw)
+
+
+def test_config_does_not_import_torch() -> None:
+    code = "import sys, algorithms.merging.config; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
