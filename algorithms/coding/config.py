@@ -27,6 +27,10 @@ class CodeBase(StrictModel):
                 f"gradient_coding.stragglers={self.stragglers} must be below num_workers={n}"
             )
 
+    def min_batch_size(self, n: int) -> int:
+        """Smallest global batch that gives every data part at least one sample."""
+        return n
+
 
 class FractionalRepetitionConfig(CodeBase):
     scheme: Literal["fractional_repetition"]
@@ -49,6 +53,11 @@ class _SequentialBase(CodeBase):
     burst: int = Field(default=1, ge=1, le=64, description="B: longest straggler burst (rounds)")
     window: int = Field(default=2, ge=2, le=64, description="W: window of the bursty model")
     seed: int = Field(default=0, ge=0)
+    patience: float = Field(
+        default=0.5, ge=0.0, le=100.0,
+        description="mu: the server waits (1 + mu) x the first worker's time, then declares the "
+                    "workers still missing stragglers if that keeps the pattern inside the model",
+    )
 
     @model_validator(mode="after")
     def _burst_below_window(self) -> "_SequentialBase":
@@ -84,6 +93,10 @@ class MultiplexedSGCConfig(_SequentialBase):
     @property
     def delay(self) -> int:
         return self.window - 2 + self.burst
+
+    def min_batch_size(self, n: int) -> int:
+        # the smallest part (a D2 piece) is 1 / (n (B + (W - 1)(lambda + 1))) of a job's data
+        return n * (self.burst + (self.window - 1) * (self.stragglers + 1))
 
 
 CodingConfig = Annotated[

@@ -1,0 +1,115 @@
+"""One-shot codes (Tandon et al. 2017): exhaustive decodability, conditioning, registry, config."""
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from algorithms.coding import build, build_from_config, decode_gradient
+from algorithms.coding.base import UndecodableError
+from algorithms.coding.config import (
+    CyclicRepetitionConfig,
+    FractionalRepetitionConfig,
+    MultiplexedSGCConfig,
+    SequentialGCConfig,
+)
+from algorithms.coding.registry import register
+
+
+def _schemes(n: int, s: int) -> list[str]:
+    out = ["cyclic_repetition"]
+    if n % (s + 1) == 0:
+        out.append("fractional_repetition")
+    return out
+
+
+@pytest.mark.parametrize("n", range(1, 13))
+def test_every_survivor_set_decodes_exactly(n: int) -> None:
+    for s in range(n):
+        for scheme in _schemes(n, s):
+            code = build(scheme, n, s)
+            B = code.B
+            assert B.shape == (n, n)
+            for w in range(n):  # support as Tandon's schemes prescribe
+                if scheme == "cyclic_repetition":
+                    assert w in code.parts(w)
+                assert len(code.parts(w)) <= s + 2
+            for missing in itertools.combinations(range(n), s):
+                alive = [w for w in range(n) if w not in missing]
+                a = code.decode(alive)
+                assert torch.all(a[list(missing)] == 0)
+                torch.testing.assert_close(a @ B, torch.ones(n, dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+def test_cyclic_support_is_cyclic_and_fractional_is_blocks() -> None:
+    code = build("cyclic_repetition", 7, 2)
+    assert code.parts(6) == [0, 1, 6]
+    fr = build("fractional_repetition", 6, 2)
+    assert fr.parts(4) == [3, 4, 5] and fr.load == pytest.approx(3 / 6)
+
+
+def test_too_few_survivors_is_refused() -> None:
+    fr = build("fractional_repetition", 6, 1)
+    with pytest.raises(UndecodableError):
+        fr.decode([2, 3, 4, 5])  # group {0, 1} lost entirely
+    with pytest.raises(UndecodableError):
+        decode_gradient(fr, {2: torch.ones(3), 3: torch.ones(3)})
+
+
+def test_decode_gradient_matches_full_sum_in_float32() -> None:
+    gen = torch.Generator().manual_seed(0)
+    n, s, dim = 10, 3, 50
+    parts = torch.randn(n, dim, generator=gen)
+    code = build("cyclic_repetition", n, s)
+    coded = code.B.float() @ parts
+    arrived = {w: coded[w] for w in (0, 2, 3, 5, 6, 8, 9)}
+    torch.testing.assert_close(decode_gradient(code, arrived), parts.sum(0), atol=1e-3, rtol=1e-4)
+
+
+def test_worst_condition_number_is_moderate_for_small_n() -> None:
+    for n in (8, 12):
+        for s in (1, 2, 3):
+            assert build("cyclic_repetition", n, s).worst_condition() < 1e4
+
+
+def test_registry_refuses_unknown_and_duplicates() -> None:
+    with pytest.raises(ValueError, match="known: cyclic_repetition, fractional_repetition"):
+        build("mds", 4, 1)
+    with pytest.raises(ValueError, match="already registered"):
+        register("cyclic_repetition", lambda n, s: None)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "n", "message"),
+    [
+        (FractionalRepetitionConfig(scheme="fractional_repetition", stragglers=2), 8, "divisible by"),
+        (CyclicRepetitionConfig(scheme="cyclic_repetition", stragglers=8), 8, "below num_workers"),
+        (SequentialGCConfig(scheme="sequential_gc", stragglers=1, burst=2, window=4), 8,
+         "window - 1 \\(3\\) divisible by burst"),
+        (MultiplexedSGCConfig(scheme="multiplexed_sgc", stragglers=4, window=3), 4, "below num_workers"),
+    ],
+)
+def test_validate_for_refuses_impossible_codes(cfg, n: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        cfg.validate_for(n)
+    with pytest.raises(ValueError, match=message):
+        build_from_config(cfg, n)
+
+
+def test_burst_must_be_below_window() -> None:
+    with pytest.raises(ValueError, match="burst"):
+        MultiplexedSGCConfig(scheme="multiplexed_sgc", burst=3, window=3)
+
+
+def test_build_from_config_and_delay() -> None:
+    cfg = MultiplexedSGCConfig(scheme="multiplexed_sgc", stragglers=2, burst=2, window=3)
+    code = build_from_config(cfg, 8)
+    assert code.delay == cfg.delay == 3
+    assert build_from_config(SequentialGCConfig(scheme="sequential_gc", burst=1, window=3), 8).delay == 1
+
+
+def test_config_does_not_import_torch() -> None:
+    code = "import sys, algorithms.coding.config; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
