@@ -59,6 +59,13 @@ def _galore(params: Iterable[Any], **h: Any) -> torch.optim.Optimizer:
     return GaLore(params, **_validated(C.GaLoreConfig, "galore", h))
 
 
+def _dct(params: Iterable[Any], **h: Any) -> torch.optim.Optimizer:
+    from algorithms.optimizers.dct import DCT
+
+    return DCT(params, **_validated(C.DCTConfig, "dct", h))
+
+
 register("adamw", _adamw)
 register("sgd", _sgd)
 register("galore", _galore)
+register("dct", _dct)
