@@ -2,14 +2,16 @@
 scaling", eq. 2-3): theta = theta_base + sum_t Lambda_t tau_t, where Lambda_t is block diagonal with
 one learned scalar per parameter block (here: per parameter tensor) and per task vector.
 
-Only the coefficients are trained (Adam), on a small set: cross-entropy with labels (few-shot) or,
-``unlabelled=True``, the entropy of the model's predictions (the paper's unsupervised objective
-for test-time adaptation). Buffers (e.g. BatchNorm statistics) are taken from the base.
+Only the coefficients are trained (Adam), on a small set: cross-entropy with labels (few-shot; hard
+labels, or class probabilities as soft targets), a caller's ``loss_fn(model, batch)`` (e.g. a task's
+own loss), or, ``unlabelled=True``, the entropy of the model's predictions (the paper's
+unsupervised objective for test-time adaptation). Buffers (e.g. BatchNorm statistics) are taken
+from the base.
 """
 
 import copy
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,23 +19,31 @@ from torch import nn
 from torch.func import functional_call
 
 from algorithms.merging._state import check_compatible, module_with_state, task_vectors
+from algorithms.merging.adapters import unwrap_adapters
 from algorithms.merging.base import Batch
 from algorithms.merging.task_arithmetic import require_base
 
 
 class AtlasMerger:
     def __init__(
-        self, steps: int = 100, lr: float = 1e-2, unlabelled: bool = False, init: float | None = None
+        self,
+        steps: int = 100,
+        lr: float = 1e-2,
+        unlabelled: bool = False,
+        init: float | None = None,
+        loss_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
     ) -> None:
         if steps < 0:
             raise ValueError(f"steps: must be >= 0, got {steps}")
         self.steps, self.lr, self.unlabelled, self.init = steps, lr, unlabelled, init
+        self.loss_fn = loss_fn  # used instead of cross-entropy when given (labelled mode)
         self.coefficients_: dict[str, torch.Tensor] = {}  # block name -> (n_tasks,) after merge()
         self.losses_: list[float] = []
 
     def merge(
         self, models: Sequence[nn.Module], base: nn.Module | None = None, data: Iterable[Batch] | None = None
     ) -> nn.Module:
+        models, base = unwrap_adapters(models, base)
         base = require_base(base, "atlas")
         sds = check_compatible(models, base)
         base_sd = {k: v.detach() for k, v in base.state_dict().items()}
@@ -64,10 +74,14 @@ class AtlasMerger:
             if not batches:
                 raise ValueError("atlas: data is empty")
             opt = torch.optim.Adam([coef], lr=self.lr)
+            with_loss = _LossOf(template, self.loss_fn) if self.loss_fn is not None and not self.unlabelled else None
             for batch in itertools.islice(itertools.cycle(batches), self.steps):
-                args, kwargs, labels = _split(batch)
-                out = functional_call(template, {**compose(coef), **buffers}, args, kwargs)
-                loss = self._loss(_logits(out), labels)
+                state = {**compose(coef), **buffers}
+                if with_loss is not None:
+                    loss = functional_call(with_loss, {f"model.{k}": v for k, v in state.items()}, (batch,))
+                else:
+                    args, kwargs, labels = _split(batch)
+                    loss = self._loss(_logits(functional_call(template, state, args, kwargs)), labels)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -100,6 +114,17 @@ class AtlasMerger:
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100
         )
+
+
+class _LossOf(nn.Module):
+    """``loss_fn(model, batch)`` as a module, so that ``functional_call`` can swap the weights."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor]) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
 
 
 def _tied_aliases(model: nn.Module) -> dict[str, str]:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from algorithms.merging._state import StateDict, check_compatible, is_mergeable, module_with_state
+from algorithms.merging.adapters import unwrap_adapters
 from algorithms.merging.base import Batch
 
 
@@ -41,5 +42,6 @@ class AverageMerger:
         self, models: Sequence[nn.Module], base: nn.Module | None = None, data: Iterable[Batch] | None = None
     ) -> nn.Module:
         """Average the inputs; ``base`` and ``data`` are not used."""
+        models, base = unwrap_adapters(models, base)
         sds = check_compatible(models)
         return module_with_state(models[0], average_state_dicts(sds, self.weights))

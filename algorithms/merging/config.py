@@ -14,7 +14,16 @@ from algorithms._config import StrictModel
 
 # Fields of the section that say *what* is merged or how the worker loads data; they are not
 # hyperparameters of the merger itself.
-_NOT_HPARAMS = frozenset({"method", "inputs", "base", "data_batches"})
+_NOT_HPARAMS = frozenset({"method", "inputs", "base", "data"})
+
+
+class MergeData(StrictModel):
+    """The batches a merger sees (PLeaS's activations, aTLAS's coefficient fit): drawn from the
+    training split of the spec's ``task.dataset``."""
+
+    batches: int = Field(default=8, ge=1, le=100_000)
+    batch_size: int = Field(default=64, ge=1, le=1_000_000)
+    seed: int = Field(default=0, ge=0)
 
 
 class MergeBase(StrictModel):
@@ -22,7 +31,11 @@ class MergeBase(StrictModel):
     inputs: list[str] = Field(
         min_length=2, description="run ids, MLflow model URIs (runs:/, models:/) or local paths"
     )
-    base: str | None = None
+    base: str | None = Field(default=None, description="the model the inputs were fine-tuned from")
+    data: MergeData | None = Field(
+        default=None,
+        description="data given to the merger; None: the defaults when the method needs data, else none",
+    )
 
     def needs_base(self) -> bool:
         return False
@@ -91,10 +104,9 @@ class PleasConfig(MergeBase):
     )
     data_free: bool = Field(
         default=False,
-        description="the data is out-of-domain proxy data (PLeaS-free); with no data, "
-        "standard-normal inputs of input_shape are used",
+        description="PLeaS-free: match and fit on proxy data (give merge.data: drawn from task.dataset, "
+        "which may then be another domain) or, without merge.data, on standard-normal inputs of input_shape",
     )
-    data_batches: int = Field(default=8, ge=1, description="batches the worker passes to the merger")
     ridge: float = Field(
         default=1e-4, ge=0.0, le=1.0, description="ridge term, relative to the mean diagonal of X^T X"
     )

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from algorithms.merging._state import check_compatible
+from algorithms.merging.adapters import unwrap_adapters
 from algorithms.merging.base import Batch
 from algorithms.merging.pleas_chain import (
     Chain,
@@ -68,6 +69,7 @@ class PleasMerger:
     def merge(
         self, models: Sequence[nn.Module], base: nn.Module | None = None, data: Iterable[Batch] | None = None
     ) -> nn.Module:
+        models, base = unwrap_adapters(models, base)
         if len(models) != 2:
             raise ValueError(f"pleas: merges exactly 2 models, got {len(models)}")
         check_compatible(models)

@@ -12,6 +12,7 @@ from algorithms.merging._state import (
     module_with_state,
     task_vectors,
 )
+from algorithms.merging.adapters import unwrap_adapters
 from algorithms.merging.base import Batch
 
 
@@ -36,6 +37,7 @@ class TaskArithmeticMerger:
     def merge(
         self, models: Sequence[nn.Module], base: nn.Module | None = None, data: Iterable[Batch] | None = None
     ) -> nn.Module:
+        models, base = unwrap_adapters(models, base)
         base = require_base(base, "task_arithmetic")
         sds = check_compatible(models, base)
         base_sd = {k: v.detach() for k, v in base.state_dict().items()}

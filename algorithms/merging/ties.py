@@ -22,6 +22,7 @@ from algorithms.merging._state import (
     module_with_state,
     task_vectors,
 )
+from algorithms.merging.adapters import unwrap_adapters
 from algorithms.merging.base import Batch
 from algorithms.merging.task_arithmetic import require_base
 
@@ -90,6 +91,7 @@ class TiesMerger:
     def merge(
         self, models: Sequence[nn.Module], base: nn.Module | None = None, data: Iterable[Batch] | None = None
     ) -> nn.Module:
+        models, base = unwrap_adapters(models, base)
         base = require_base(base, "ties")
         sds = check_compatible(models, base)
         base_sd = {k: v.detach() for k, v in base.state_dict().items()}

@@ -140,6 +140,22 @@ def test_atlas_recovers_the_blockwise_optimum() -> None:
         torch.testing.assert_close(torch.softmax(merged(x), -1), probs, atol=5e-3, rtol=0.0)
 
 
+def test_atlas_with_a_callers_loss_function() -> None:
+    """A task's own loss (here: squared error to the teacher's logits, whose minimiser is again the
+    teacher) is used through the swapped weights."""
+    base, teacher, models, x = _teacher_problem()
+    with torch.no_grad():
+        target = teacher(x)
+
+    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return ((model(batch[0]) - batch[1]) ** 2).mean()
+
+    merger = AtlasMerger(steps=300, lr=0.1, loss_fn=loss_fn)
+    merger.merge(models, base=base, data=[(x, target)])
+    assert abs(float(merger.coefficients_["1.weight"][0]) - 0.25) < 0.02
+    assert abs(float(merger.coefficients_["5.weight"][1]) - 2.0) < 0.02
+
+
 @pytest.mark.parametrize("unlabelled", [False, True])
 def test_atlas_lowers_its_objective_below_the_isotropic_start(unlabelled: bool) -> None:
     """Hard labels (cross-entropy) or no labels (prediction entropy): the learned coefficients give
