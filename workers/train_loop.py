@@ -53,7 +53,7 @@ def train_worker(config: dict[str, Any]) -> None:
     if dist_spec.strategy == "deepspeed":
         from workers.deepspeed_engine import DeepSpeedModel
 
-        engine = DeepSpeedModel(spec, model, device)
+        engine = DeepSpeedModel(spec, model, device, peft_handle=peft_handle)
         model, optimizer, scheduler = engine.model, engine.optimizer, engine.scheduler
     else:
         model = model.to(device)
@@ -62,7 +62,10 @@ def train_worker(config: dict[str, Any]) -> None:
         optimizer = build_optimizer(spec, model, peft_handle)
         scheduler = build_scheduler(optimizer, train)
         engine = None
-    start = checkpoint.restore(model=model, optimizer=optimizer, scheduler=scheduler)
+    if engine is not None:
+        start = engine.restore()
+    else:
+        start = checkpoint.restore(model=model, optimizer=optimizer, scheduler=scheduler)
     restored = start > 0
 
     byzantine = chosen_ranks(spec.faults.byzantine, world)
@@ -72,7 +75,7 @@ def train_worker(config: dict[str, Any]) -> None:
     batches = task.batches(rank=rank, world=world, batch_size=per_rank, seed=train.seed + 17 * start,
                            label_flip=label_flip)
     straggler = Straggler(spec.faults, rank, world)
-    amp = _AMP.get(train.precision)
+    amp = engine.autocast_dtype if engine is not None else _AMP.get(train.precision)
     scaler = torch.amp.GradScaler("cuda") if train.precision == "fp16" and engine is None else None
     if rank == 0:
         logger.metrics({"model/params": n_params, "model/trainable_params": n_train}, step=start)
@@ -99,7 +102,9 @@ def train_worker(config: dict[str, Any]) -> None:
                     if peft_handle is not None and i == 0:
                         peft_handle.before_backward(step, model)
                     no_sync = getattr(model, "no_sync", None)
-                    if no_sync is not None and i < len(micro) - 1:
+                    if engine is not None:
+                        engine.backward(loss, boundary=i == train.grad_accum - 1)
+                    elif no_sync is not None and i < len(micro) - 1:
                         with no_sync():
                             (scaler.scale(loss) if scaler else loss).backward()
                     else:
@@ -131,7 +136,7 @@ def train_worker(config: dict[str, Any]) -> None:
             window_t, window_steps, window_loss = time.perf_counter(), 0, 0.0
         if done % eval_every == 0 or done == train.max_steps:
             evaluated: dict[str, float] = {}
-            if rank == 0:
+            if rank == 0 or (engine is not None and engine.eval_on_all_ranks):  # ZeRO-3: a collective
                 evaluated = task.evaluate(checkpoint.unwrap(model), device, train.eval_batches)
                 logger.metrics(evaluated, step=done)
             logger.flush()
