@@ -28,12 +28,17 @@ def galore_side(shape: torch.Size | tuple[int, ...], proj_type: str) -> Side:
     raise ValueError(f"unknown proj_type {proj_type!r}")
 
 
+def _work(grad: torch.Tensor) -> torch.Tensor:
+    """float64 stays float64, anything else is computed in float32."""
+    return grad if grad.dtype == torch.float64 else grad.float()
+
+
 def svd_basis(grad: torch.Tensor, rank: int, side: Side) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Top-``rank`` singular vectors of ``grad`` by a full SVD in float32 (GaLore's choice).
+    """Top-``rank`` singular vectors of ``grad`` by a full SVD in float32 (GaLore's choice; float64 kept).
 
     Returns ``(P, P2)``; ``P2`` only for ``full``. The result has ``grad``'s dtype.
     """
-    u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+    u, _, vh = torch.linalg.svd(_work(grad), full_matrices=False)
     if side == "right":
         return vh[:rank].to(grad.dtype), None
     if side == "left":
@@ -64,7 +69,7 @@ def randomized_svd_basis(grad: torch.Tensor, rank: int, side: Side, *, oversampl
     k = rank + oversampling
     if k >= min(m, n):
         return svd_basis(grad, rank, side)
-    a = grad.float()
+    a = _work(grad)
     if side == "right":
         q = _range_finder(a.mT, k, power_iters, generator)  # n x k, range of G^T
         ub, _, _ = torch.linalg.svd(q.mT @ a.mT, full_matrices=False)  # (k x m) small SVD

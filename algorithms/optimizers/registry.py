@@ -65,7 +65,42 @@ def _dct(params: Iterable[Any], **h: Any) -> torch.optim.Optimizer:
     return DCT(params, **_validated(C.DCTConfig, "dct", h))
 
 
+def _adazo_sam(params: Iterable[Any], **h: Any) -> torch.optim.Optimizer:
+    from algorithms.optimizers.adazo_sam import AdaZoSAM
+
+    return AdaZoSAM(params, **_validated(C.AdaZoSAMConfig, "adazo_sam", h))
+
+
+def _lorenza(params: Iterable[Any], **h: Any) -> torch.optim.Optimizer:
+    from algorithms.optimizers.lorenza import Lorenza
+
+    return Lorenza(params, **_validated(C.LorenzaConfig, "lorenza", h))
+
+
+def _sam(params: Iterable[Any], **h: Any) -> torch.optim.Optimizer:
+    from algorithms.optimizers.sam import SAM
+
+    return SAM(params, **_validated(C.SAMConfig, "sam", h))
+
+
+def _lamb(params: Iterable[Any], **h: Any) -> torch.optim.Optimizer:
+    from algorithms.optimizers.library import lamb
+
+    return lamb(params, **_validated(C.LambConfig, "lamb", h))
+
+
+def _diffgrad(params: Iterable[Any], **h: Any) -> torch.optim.Optimizer:
+    from algorithms.optimizers.library import diffgrad
+
+    return diffgrad(params, **_validated(C.DiffGradConfig, "diffgrad", h))
+
+
 register("adamw", _adamw)
 register("sgd", _sgd)
 register("galore", _galore)
 register("dct", _dct)
+register("adazo_sam", _adazo_sam)
+register("lorenza", _lorenza)
+register("sam", _sam)
+register("lamb", _lamb)
+register("diffgrad", _diffgrad)

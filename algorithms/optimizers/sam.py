@@ -1,0 +1,60 @@
+"""SAM: sharpness-aware minimisation (Foret, Kleiner, Mobahi, Neyshabur; ICLR 2021), the two-pass
+baseline that AdaZo-SAM claims to match at half the cost.
+
+With the loop's closure ``forward_backward(backward: bool) -> loss``: a forward-backward at ``theta``
+gives ``g``; the weights move to ``theta + rho g / ||g||`` (norm over all parameters); a second
+forward-backward there gives the gradient the base optimizer (``sgd`` with ``momentum``, or
+``adamw``) steps with, after the perturbation is removed (subtracted: no copy of the weights).
+Two backward passes per step. Returns the loss at ``theta``.
+"""
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+Closure = Callable[..., torch.Tensor]
+
+
+class SAM(torch.optim.Optimizer):
+    needs_closure = True
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-2, rho: float = 0.05, base: str = "sgd",
+                 momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+        super().__init__(params, dict(lr=lr, rho=rho, weight_decay=weight_decay))
+        if base == "sgd":
+            self.base: torch.optim.Optimizer = torch.optim.SGD(self.param_groups, lr=lr, momentum=momentum,
+                                                               weight_decay=weight_decay)
+        elif base == "adamw":
+            self.base = torch.optim.AdamW(self.param_groups, lr=lr, weight_decay=weight_decay)
+        else:
+            raise ValueError(f"SAM base must be 'sgd' or 'adamw', not {base!r}")
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
+        self.sum_across: Callable[[torch.Tensor], None] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.base.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.base.load_state_dict(state_dict)
+        self.state = self.base.state
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
+        if closure is None:
+            raise RuntimeError("SAM needs the closure forward_backward(backward: bool) -> loss")
+        with torch.enable_grad():
+            loss = closure(backward=True)
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        sq = torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum()
+        if self.sum_across is not None:
+            self.sum_across(sq)
+        eps = torch._foreach_mul(grads, (self.param_groups[0]["rho"] / (sq.sqrt() + 1e-12)).to(grads[0].dtype))
+        torch._foreach_add_(params, eps)
+        with torch.enable_grad():
+            closure(backward=True)
+        torch._foreach_sub_(params, eps)
+        self.base.step()
+        return loss

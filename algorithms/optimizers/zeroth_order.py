@@ -1,0 +1,141 @@
+"""The zeroth-order SAM step shared by AdaZo-SAM and LORENZA (Refael, Arbel, Lindenbaum, Tirer;
+arXiv 2502.19571): SAM's ascent direction is estimated from forward passes only, so a step costs
+one backward pass instead of SAM's two.
+
+With the loop's closure ``forward_backward(backward: bool) -> loss``:
+
+1. for ``j = 1..n_directions``: draw a random direction ``u_j`` (Gaussian; in LORENZA it lives in
+   the current low-rank subspace), evaluate ``f(theta + mu u_j)`` and ``f(theta - mu u_j)``
+   (forward only, no graph) and take ``c_j = (f+ - f-) / (2 mu)``, the directional derivative;
+2. ``g = (1/n) sum_j c_j u_j`` estimates the gradient (E[u u^T] = I), and the SAM perturbation is
+   ``eps = rho g / ||g||`` (norm over all parameters);
+3. one forward-backward at ``theta + eps`` gives the gradient used by the update; the perturbation
+   is removed (subtracted, so no copy of the weights is kept) and the optimizer steps.
+
+``rho``, ``mu`` and ``n_directions`` are optimizer-wide (the directions perturb all parameters
+together). The returned loss is the mean of ``(f+ + f-)/2``, the loss at ``theta`` to O(mu^2).
+
+Random directions come from a generator seeded by (seed, step, parameter key, direction), so they
+do not depend on how parameters are grouped or partitioned across ranks (``assign_keys``). Under
+data parallelism the probe losses are averaged over ranks (``process_group``) so every replica
+applies the same perturbation; ``sum_across`` (set by ``PartitionedOptimizer``) sums the squared
+norm over ranks that each hold only some parameters.
+"""
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+Closure = Callable[..., torch.Tensor]
+
+
+@dataclass
+class Target:
+    """A parameter the probes move: ``apply_(coords, alpha)`` does ``p += alpha * lift(coords)``."""
+
+    param: torch.Tensor
+    shape: torch.Size
+    apply_: Callable[[torch.Tensor, float], None]
+
+
+class ZerothOrderSAM(torch.optim.Optimizer):
+    needs_closure = True
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], seed: int | None = None) -> None:
+        super().__init__(params, defaults)
+        self.zo_seed = int(torch.initial_seed() if seed is None else seed) % (2**62)
+        self.process_group: Any = None
+        self.sum_across: Callable[[torch.Tensor], None] | None = None
+        self._keys: dict[torch.Tensor, int] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._keys.setdefault(p, len(self._keys))
+
+    def assign_keys(self, keys: Mapping[torch.Tensor, int]) -> None:
+        """Give parameters stable keys (e.g. their index in the unpartitioned model)."""
+        self._keys.update(keys)
+
+    # ---- what subclasses provide -------------------------------------------------------------
+    def targets(self) -> list[Target] | None:
+        """What the probes perturb, or None for a plain (unperturbed) gradient step."""
+        raise NotImplementedError
+
+    def update(self) -> None:
+        """The optimizer's own step from ``p.grad`` (the gradient at the perturbed point)."""
+        raise NotImplementedError
+
+    # ---- the shared step -------------------------------------------------------------------------
+    def _generator(self, p: torch.Tensor, step: int, j: int) -> torch.Generator:
+        seed = (((self.zo_seed * 1_000_003 + step) * 10_007 + j) * 1_000_033 + self._keys[p]) % (2**62)
+        return torch.Generator(device=p.device).manual_seed(seed)
+
+    def _mean_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
+            x = x.clone()
+            dist.all_reduce(x, group=self.process_group)
+            x /= dist.get_world_size(self.process_group)
+        return x
+
+    def _forward(self, closure: Closure) -> torch.Tensor:
+        with torch.no_grad():
+            return self._mean_over_ranks(closure(backward=False).detach().double())
+
+    @torch.no_grad()
+    def zo_ascent(self, closure: Closure, targets: list[Target], step: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Steps 1-2: returns (loss estimate at theta, the perturbation eps in each target's coords)."""
+        mu, rho, n = self.defaults["mu"], self.defaults["rho"], self.defaults["n_directions"]
+        est: list[torch.Tensor] = []
+        loss = torch.zeros(())
+        for j in range(n):
+            dirs = [torch.randn(t.shape, generator=self._generator(t.param, step, j), device=t.param.device,
+                                dtype=t.param.dtype) for t in targets]
+            for t, d in zip(targets, dirs, strict=True):
+                t.apply_(d, mu)
+            f_plus = self._forward(closure)
+            for t, d in zip(targets, dirs, strict=True):
+                t.apply_(d, -2 * mu)
+            f_minus = self._forward(closure)
+            for t, d in zip(targets, dirs, strict=True):
+                t.apply_(d, mu)
+            loss = loss.to(f_plus.device) + (f_plus + f_minus) / (2 * n)
+            c = (f_plus - f_minus) / (2 * mu * n)
+            if j == 0:
+                est = dirs
+                torch._foreach_mul_(est, c.to(dirs[0].device))
+            else:
+                torch._foreach_add_(est, torch._foreach_mul(dirs, c.to(dirs[0].device)))
+        sq = torch.stack([x.double() for x in torch._foreach_norm(est)]).square().sum()
+        if self.sum_across is not None:
+            self.sum_across(sq)
+        torch._foreach_mul_(est, (rho / (sq.sqrt() + 1e-12)).to(est[0].dtype))
+        return loss, est
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
+        if closure is None:
+            raise RuntimeError(f"{type(self).__name__} needs the closure forward_backward(backward: bool) -> loss "
+                               "(it probes the loss with forward passes)")
+        group0 = self.param_groups[0]
+        group0["zo_step"] = step = int(group0.get("zo_step", 0)) + 1
+        targets = self.targets() if self.defaults["rho"] > 0 else None
+        if not targets:
+            with torch.enable_grad():
+                loss = closure(backward=True)
+        else:
+            loss, eps = self.zo_ascent(closure, targets, step)
+            for t, e in zip(targets, eps, strict=True):
+                t.apply_(e, 1.0)
+            with torch.enable_grad():
+                closure(backward=True)
+            for t, e in zip(targets, eps, strict=True):
+                t.apply_(e, -1.0)
+        self.update()
+        return loss
+
+
+def full_space_targets(params: Iterable[torch.Tensor]) -> list[Target]:
+    """Every parameter, perturbed in its full space."""
+    return [Target(p, p.shape, lambda d, a, p=p: p.add_(d, alpha=a)) for p in params]  # type: ignore[misc]

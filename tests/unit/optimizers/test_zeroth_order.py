@@ -1,0 +1,234 @@
+"""AdaZo-SAM, LORENZA(+) and SAM: the zeroth-order estimate, the projected estimate, the update
+rule against hand-written references, and the number of backward passes per step."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from algorithms.optimizers.adazo_sam import AdaZoSAM
+from algorithms.optimizers.lorenza import Lorenza
+from algorithms.optimizers.projection import randomized_svd_basis, svd_basis
+from algorithms.optimizers.registry import build
+from algorithms.optimizers.sam import SAM
+from tests.unit.optimizers.helpers import CountingClosure, TwoLayer, batches, loss_of
+
+
+def small(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def data64(seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 5, generator=g).double(), torch.randn(16, 3, generator=g).double()
+
+
+def true_grad(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+    model.zero_grad()
+    loss_of(model, batch).backward()
+    return [p.grad.detach().clone() for p in model.parameters()]  # type: ignore[union-attr]
+
+
+def flat(xs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([x.reshape(-1) for x in xs])
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def perturbation(opt: AdaZoSAM | Lorenza, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+                 step: int) -> list[torch.Tensor]:
+    """The SAM perturbation eps the optimizer's probes produce, as a change of every parameter."""
+    closure = CountingClosure(model, list(model.parameters()), batch)
+    targets = opt.targets()
+    assert targets is not None
+    before = [p.detach().clone() for p in model.parameters()]
+    _, eps = opt.zo_ascent(closure, targets, step)
+    with torch.no_grad():
+        for t, e in zip(targets, eps, strict=True):
+            t.apply_(e, 1.0)
+    after = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p, b in zip(model.parameters(), before, strict=True):
+            p.copy_(b)
+    assert closure.backwards == 0 and closure.forwards == 2 * opt.defaults["n_directions"]
+    return [a - b for a, b in zip(after, before, strict=True)]
+
+
+def test_adazo_estimate_turns_towards_the_gradient_as_directions_grow() -> None:
+    model, batch = small(), data64()
+    g = flat(true_grad(model, batch))
+    means = []
+    for n in (1, 10, 100, 2000):
+        cos = []
+        for seed in range(4):
+            opt = AdaZoSAM(model.parameters(), lr=1e-3, rho=0.05, mu=1e-5, n_directions=n, seed=seed)
+            eps = flat(perturbation(opt, model, batch, step=1))
+            assert abs(float(eps.norm()) - 0.05) < 1e-9  # ||eps|| = rho
+            cos.append(cosine(eps, g))
+        means.append(sum(cos) / len(cos))
+    assert means == sorted(means), means
+    assert means[-1] > 0.98 and means[0] < 0.7, means
+
+
+def test_lorenza_estimate_converges_to_the_projected_gradient() -> None:
+    model, batch = small(), data64()
+    opt = Lorenza(model.parameters(), lr=1e-3, rank=2, update_proj_gap=100, rho=0.05, mu=1e-5, seed=0,
+                  oversampling=0, power_iters=0)
+    closure = CountingClosure(model, list(model.parameters()), batch)
+    opt.step(closure)  # first step: no probes, builds the subspaces from the gradient
+    assert closure.forwards == 1 and closure.backwards == 1
+    grads = true_grad(model, batch)
+    projected = []
+    for p, g in zip(model.parameters(), grads, strict=True):
+        if p.dim() == 2:
+            proj = opt.state[p]["proj"]
+            side = opt.side(p, opt.param_groups[0])
+            projected.append(g @ proj.T @ proj if side == "right" else proj @ proj.T @ g)
+        else:
+            projected.append(g)
+    target = flat(projected)
+    assert cosine(target, flat(grads)) < 0.999  # the projection does discard something
+    means = []
+    for n in (1, 10, 100, 2000):
+        opt.defaults["n_directions"] = n
+        cos = []
+        for seed in range(3):
+            opt.zo_seed = seed
+            eps = perturbation(opt, model, batch, step=2)
+            for p, e in zip(model.parameters(), eps, strict=True):  # exactly inside the subspace
+                if p.dim() == 2:
+                    proj = opt.state[p]["proj"]
+                    inside = e @ proj.T @ proj if opt.side(p, opt.param_groups[0]) == "right" else proj @ proj.T @ e
+                    assert torch.allclose(inside, e, atol=1e-12)
+            cos.append(cosine(flat(eps), target))
+        means.append(sum(cos) / len(cos))
+    assert means == sorted(means), means
+    assert means[-1] > 0.98 and means[0] < 0.9, means
+
+
+@pytest.mark.parametrize("name", ["adazo_sam", "lorenza", "sam"])
+def test_backward_passes_per_step(name: str) -> None:
+    model = TwoLayer()
+    hp = {"rank": 4, "update_proj_gap": 2} if name == "lorenza" else {}
+    if name != "sam":
+        hp["n_directions"] = 3
+    opt = build(name, model.parameters(), lr=1e-2, **hp)
+    assert getattr(opt, "needs_closure", False)
+    for i, batch in enumerate(batches(5)):
+        closure = CountingClosure(model, list(model.parameters()), batch)
+        loss = opt.step(closure)
+        assert torch.isfinite(loss)
+        if name == "sam":
+            assert (closure.backwards, closure.forwards) == (2, 2)
+        elif name == "lorenza" and i == 0:
+            assert (closure.backwards, closure.forwards) == (1, 1)  # no subspace to probe in yet
+        else:
+            assert (closure.backwards, closure.forwards) == (1, 2 * 3 + 1)
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step()
+
+
+def test_adazo_sam_step_is_adamw_at_the_zo_perturbed_point() -> None:
+    """Reference written from the rule: c_j = (f(x+mu u_j) - f(x-mu u_j))/2mu, g = mean c_j u_j,
+    eps = rho g/||g||, gradient at x + eps, torch's AdamW step from x."""
+    model, batch = small(), data64()
+    ref = copy.deepcopy(model)
+    rho, mu, n = 0.1, 1e-4, 2
+    opt = AdaZoSAM(model.parameters(), lr=1e-2, weight_decay=0.1, rho=rho, mu=mu, n_directions=n, seed=7)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    params = list(ref.parameters())
+    for step in range(1, 4):
+        opt.step(CountingClosure(model, list(model.parameters()), batch))
+        with torch.no_grad():
+            est = [torch.zeros_like(p) for p in params]
+            for j in range(n):
+                us = [torch.randn(p.shape, generator=opt._generator(q, step, j), dtype=p.dtype)
+                      for p, q in zip(params, model.parameters(), strict=True)]
+                plus, minus = copy.deepcopy(ref), copy.deepcopy(ref)
+                for a, b, u in zip(plus.parameters(), minus.parameters(), us, strict=True):
+                    a.add_(mu * u)
+                    b.sub_(mu * u)
+                c = float(loss_of(plus, batch) - loss_of(minus, batch)) / (2 * mu)
+                for e, u in zip(est, us, strict=True):
+                    e.add_(c * u / n)
+            norm = math.sqrt(sum(float((e**2).sum()) for e in est))
+            eps = [rho * e / norm for e in est]
+            for p, e in zip(params, eps, strict=True):
+                p.add_(e)
+        ref_opt.zero_grad()
+        loss_of(ref, batch).backward()
+        with torch.no_grad():
+            for p, e in zip(params, eps, strict=True):
+                p.sub_(e)
+        ref_opt.step()
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-9)
+
+
+def test_sam_step_matches_the_two_pass_rule() -> None:
+    model, batch = small(), data64()
+    ref = copy.deepcopy(model)
+    opt = SAM(model.parameters(), lr=0.1, rho=0.05, base="sgd", momentum=0.9, weight_decay=0.01)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    for _ in range(3):
+        opt.step(CountingClosure(model, list(model.parameters()), batch))
+        g = true_grad(ref, batch)
+        norm = flat(g).norm()
+        with torch.no_grad():
+            eps = [0.05 * x / norm for x in g]
+            for p, e in zip(ref.parameters(), eps, strict=True):
+                p.add_(e)
+        ref_opt.zero_grad()
+        loss_of(ref, batch).backward()
+        with torch.no_grad():
+            for p, e in zip(ref.parameters(), eps, strict=True):
+                p.sub_(e)
+        ref_opt.step()
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_lorenza_plus_adds_the_scaled_orthogonal_component() -> None:
+    base, batch = small(), data64()
+    runs = {}
+    for plus in (False, True):
+        model = copy.deepcopy(base)
+        opt = Lorenza(model.parameters(), lr=1e-2, rank=2, rho=0.0, plus=plus, seed=0, scale=0.5)
+        opt.step(CountingClosure(model, list(model.parameters()), batch))
+        runs[plus] = (model, opt)
+    (m0, o0), (m1, _) = runs[False], runs[True]
+    g = true_grad(copy.deepcopy(base), batch)
+    for (name, p0), p1, gp in zip(m0.named_parameters(), m1.parameters(), g, strict=True):
+        diff = (p1 - p0).detach()
+        if p0.dim() != 2:
+            assert diff.abs().max() == 0, name
+            continue
+        proj = o0.state[p0]["proj"]
+        right = o0.side(p0, o0.param_groups[0]) == "right"
+        low = gp @ proj.T if right else proj.T @ gp
+        orth = gp - (low @ proj if right else proj @ low)
+        # Adam's first step is sign-like: |direction| = 1/(1 + eps/|R|) elementwise, step factor 1
+        st = o0.state[p0]
+        direction = st["exp_avg"] / (st["exp_avg_sq"].sqrt() + 1e-8 * math.sqrt(1 - 0.999))
+        phi = float(direction.norm() * math.sqrt(1 - 0.999) / (1 - 0.9) / low.norm())
+        assert torch.allclose(diff, -1e-2 * 0.5 * phi * orth, atol=1e-12), name
+
+
+def test_randomized_svd_finds_the_dominant_subspace() -> None:
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(60, 4))
+    v, _ = torch.linalg.qr(torch.randn(40, 4))
+    a = u @ torch.diag(torch.tensor([10.0, 8.0, 6.0, 5.0])) @ v.T + 0.01 * torch.randn(60, 40)
+    gen = torch.Generator().manual_seed(0)
+    for side in ("left", "right"):
+        exact, _ = svd_basis(a, 4, side)  # type: ignore[arg-type]
+        approx, _ = randomized_svd_basis(a, 4, side, oversampling=4, power_iters=1, generator=gen)  # type: ignore[arg-type]
+        overlap = exact.T @ approx if side == "left" else exact @ approx.T
+        assert torch.linalg.svdvals(overlap).min() > 0.9999
