@@ -98,7 +98,7 @@ def main() -> None:
     env = {**os.environ, "ORCHESTRA_DATABASE_URL": db_url, "ORCHESTRA_RAY_ADDRESS": "http://127.0.0.1:9",
            "ORCHESTRA_MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "ORCHESTRA_HOME": f"/tmp/{name}"}
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=open(f"/tmp/{name}.log", "wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

@@ -109,6 +109,9 @@ def run_sweep(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_
     if sweep.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="step", max_t=spec.train.max_steps,
                                   grace_period=max(1, spec.train.eval_every or spec.train.max_steps))
+    # Checkpoint reports carry the training loss but not the sweep's eval metric: Tune must accept
+    # results without it (the schedulers skip such results).
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     resources = ray.cluster_resources() if ray.is_initialized() else {}
     if not resources:
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), ignore_reinit_error=True)

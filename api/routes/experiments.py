@@ -3,9 +3,11 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import AuthDep, SessionDep, StateDep
 from api.schemas import ErrorBody, ExperimentPage, ExperimentPublic
+from service.domain import Experiment
 from service.repo import experiments as exp_repo
 from service.repo import runs as runs_repo
 from service.spec.parse import load_document, validate_document
@@ -28,11 +30,17 @@ async def submit_experiment(
     """Validate the spec (JSON, or YAML with Content-Type application/yaml) and queue its run."""
     raw = load_document(await request.body(), request.headers.get("content-type", "application/json"))
     spec = validate_document(raw)
-    exp, created = exp_repo.create_experiment(session, spec=raw, resolved=spec.resolved(),
-                                              idempotency_key=idempotency_key)
+
+    def store() -> tuple[Experiment, bool]:  # blocking database work: off the event loop
+        exp, created = exp_repo.create_experiment(session, spec=raw, resolved=spec.resolved(),
+                                                  idempotency_key=idempotency_key)
+        if created:
+            session.commit()
+        return exp, created
+
+    exp, created = await run_in_threadpool(store)
     if not created and exp.spec != raw:
         raise HTTPException(409, "Idempotency-Key was already used with a different spec")
-    session.commit()
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     elif state.control is not None:
