@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -119,7 +120,7 @@ def test_backward_passes_per_step(name: str) -> None:
     hp = {"rank": 4, "update_proj_gap": 2} if name == "lorenza" else {}
     if name != "sam":
         hp["n_directions"] = 3
-    opt = build(name, model.parameters(), lr=1e-2, **hp)
+    opt: Any = build(name, model.parameters(), lr=1e-2, **hp)
     assert getattr(opt, "needs_closure", False)
     for i, batch in enumerate(batches(5)):
         closure = CountingClosure(model, list(model.parameters()), batch)
