@@ -85,6 +85,7 @@ def train_worker(config: dict[str, Any]) -> None:
     ckpt_every = train.checkpoint_every or train.max_steps
     window_t, window_steps, window_loss = time.perf_counter(), 0, 0.0
     metrics: dict[str, float] = {}
+    last_eval: dict[str, float] = {}  # rank 0's latest evaluation, carried by checkpoint reports
     model.train()
     for step in range(start, train.max_steps):
         maybe_kill(spec.faults, rank=rank, step=step, restored=restored)
@@ -137,7 +138,7 @@ def train_worker(config: dict[str, Any]) -> None:
         if done % eval_every == 0 or done == train.max_steps:
             evaluated: dict[str, float] = {}
             if rank == 0 or (engine is not None and engine.eval_on_all_ranks):  # ZeRO-3: a collective
-                evaluated = task.evaluate(checkpoint.unwrap(model), device, train.eval_batches)
+                evaluated = last_eval = task.evaluate(checkpoint.unwrap(model), device, train.eval_batches)
                 logger.metrics(evaluated, step=done)
             logger.flush()
             if config.get("report_eval"):  # a sweep trial: Tune's scheduler sees every evaluation
@@ -148,7 +149,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 engine.save_and_report(step=done, scheduler=scheduler)
             else:
                 checkpoint.save_and_report(model=model, optimizer=optimizer, scheduler=scheduler, step=done,
-                                           metrics={"train/loss": float(loss)}, rank=rank)
+                                           metrics={"train/loss": float(loss), **last_eval}, rank=rank)
     if engine is not None:
         final = engine.consolidated_model()
     else:
