@@ -72,6 +72,11 @@ def _write_back(params: list[torch.nn.Parameter], agg: Tensor) -> None:
         offset += n
 
 
+def _all_gather(out: Tensor, inp: Tensor) -> None:
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in 2.13
+    gather(out, inp)
+
+
 def _sync(t: Tensor) -> None:
     if t.is_cuda:
         torch.cuda.synchronize(t.device)
@@ -125,12 +130,12 @@ class GatherExchange(_RobustExchange):
         self.bucket = max(1, int(bucket_elems))
 
     def _gather(self, flat: Tensor, s: int, e: int) -> Tensor:
-        buf = torch.empty(self.world, e - s, dtype=flat.dtype, device=flat.device)
+        buf = torch.empty(self.world * (e - s), dtype=flat.dtype, device=flat.device)
         if self.world > 1:
-            dist.all_gather_into_tensor(buf, flat[s:e].contiguous())
+            _all_gather(buf, flat[s:e].contiguous())  # gloo wants a flat output
         else:
-            buf[0] = flat[s:e]
-        return buf
+            buf.copy_(flat[s:e])
+        return buf.view(self.world, e - s)
 
     def __call__(self, model: nn.Module, step: int) -> dict[str, float]:
         params = _params(model)
@@ -151,9 +156,8 @@ class GatherExchange(_RobustExchange):
             comm_s += time.perf_counter() - t0
             return self._attacked(buf, step, s)
 
-        plan = None
+        stats: Tensor | None = None
         if self.rule.gram_kind is not None:
-            stats = None
             for s, e in spans:
                 block = rows(s, e)
                 if len(spans) == 1:
@@ -163,9 +167,9 @@ class GatherExchange(_RobustExchange):
                 assert part is not None
                 stats = part if stats is None else stats + part
                 rule_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            plan = self.rule.plan(stats, self.world)
-            rule_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        plan = self.rule.plan(stats, self.world)
+        rule_s += time.perf_counter() - t0
         agg = torch.empty(d, dtype=torch.float32, device=flat.device)
         mass: Tensor | None = None
         for s, e in spans:
@@ -209,10 +213,8 @@ class ShardExchange(_RobustExchange):
         with_mass = bool(self.byzantine)
 
         t0 = time.perf_counter()
-        plan = None
-        if self.rule.gram_kind is not None:
-            stats = self.rule.stats(block)
-            assert stats is not None
+        stats = self.rule.stats(block)
+        if stats is not None:
             if self.exact_shards and w > 1:
                 stats = stats.to(flat.device)
                 _sync(stats)
@@ -221,7 +223,7 @@ class ShardExchange(_RobustExchange):
                 _sync(stats)
                 comm_s += time.perf_counter() - t1
                 t0 += time.perf_counter() - t1  # the all-reduce is communication, not rule time
-            plan = self.rule.plan(stats, w)
+        plan = self.rule.plan(stats, w)
         mine = torch.zeros(shard, dtype=torch.float32, device=flat.device)
         mass: Tensor | None = None
         if valid > 0:
@@ -235,7 +237,7 @@ class ShardExchange(_RobustExchange):
         t1 = time.perf_counter()
         full = torch.empty(w * shard, dtype=torch.float32, device=flat.device)
         if w > 1:
-            dist.all_gather_into_tensor(full, mine)
+            _all_gather(full, mine)
             if mass is not None:
                 mass = mass.to(flat.device)
                 dist.all_reduce(mass)
