@@ -81,7 +81,7 @@ def _worker(rank: int, world: int, port: int, cases: list[tuple[str, dict[str, A
             model = make_model()
             set_grads(model, rank_grads(model, rank))
             metrics = ex(model, STEP)
-            flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+            flat = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
             out[key] = (flat.numpy(), metrics, type(ex).__name__)  # numpy: pickled by value
     except Exception as exc:  # report it: the other ranks may be stuck in a collective
         queue.put((rank, {"_error": f"{out.get('_at')}: {exc!r}"}))
