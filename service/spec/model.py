@@ -106,13 +106,49 @@ class ExperimentSpec(StrictModel):
                     "from the first n - s workers to answer; collectives wait for every rank)"
                 )
             agg = dist.aggregator
-            if agg is not None and agg.name != "mean" and dist.gradient_coding.scheme != "fractional_repetition":
+            coding = dist.gradient_coding
+            if agg is not None and agg.name != "mean" and coding.scheme != "fractional_repetition":
                 raise ValueError(
                     f"distributed.aggregator: robust rule {agg.name!r} combines only with gradient_coding scheme "
                     "fractional_repetition (each worker then sends an unbiased estimate of the full "
                     "gradient that the rule can compare); coded messages of "
-                    f"{dist.gradient_coding.scheme!r} mix parts with signed weights"
+                    f"{coding.scheme!r} mix parts with signed weights"
                 )
+            if agg is not None and agg.name != "mean":
+                try:  # the rule sees only the n - s messages that arrive first
+                    agg.validate_for(n - coding.stragglers)
+                except ValueError as exc:
+                    raise ValueError(f"distributed.aggregator.f: with gradient_coding.stragglers="
+                                     f"{coding.stragglers} only n - s = {n - coding.stragglers} messages "
+                                     f"reach the rule: {exc}") from None
+            assert self.train is not None
+            if self.train.batch_size < coding.min_batch_size(n):
+                raise ValueError(
+                    f"train.batch_size: {self.train.batch_size} is too small for gradient_coding scheme "
+                    f"{coding.scheme!r} with {n} workers: each data part needs a sample, so at least "
+                    f"{coding.min_batch_size(n)}"
+                )
+            byz = self.faults.byzantine
+            if (coding.scheme in ("sequential_gc", "multiplexed_sgc") and byz is not None and byz.n > 0
+                    and byz.attack.name != "label_flip"):
+                raise ValueError(
+                    f"faults.byzantine.attack: gradient attacks are not simulated with the sequential "
+                    f"gradient code {coding.scheme!r} (its messages are per-task partial sums); use a "
+                    "one-shot scheme or the label_flip attack"
+                )
+        if dist.strategy == "parameter_server":
+            self._check_parameter_server()
+
+    def _check_parameter_server(self) -> None:
+        assert self.train is not None
+        if self.faults.kill is not None:
+            raise ValueError("faults.kill: strategy parameter_server has no checkpoint restarts (use ddp)")
+        if self.train.precision == "fp16":
+            raise ValueError("train.precision: fp16 needs a loss scaler, which strategy parameter_server does "
+                             "not run; use bf16 or fp32")
+        if self.train.grad_accum != 1:
+            raise ValueError("train.grad_accum: strategy parameter_server computes each data part in one "
+                             "pass; set grad_accum to 1")
 
     def _check_faults(self) -> None:
         n = self.distributed.num_workers
