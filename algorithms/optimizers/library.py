@@ -12,7 +12,8 @@ papers' rules.
 - diffGrad (Dubey et al., IEEE TNNLS 2019, arXiv 1909.11015): Adam whose step is multiplied
   elementwise by the friction ``xi = sigmoid(|g_{t-1} - g_t|)`` (``g_0 = 0``), with the authors' code's
   numerics (step ``lr sqrt(1-beta2^t)/(1-beta1^t)``, ``eps`` added to ``sqrt(v)``) and L2 weight decay
-  added to the gradient (``weight_decouple=False``), as in the paper's code.
+  added to the gradient (``weight_decouple=False``), as in the paper's code. The library adds 1e-15
+  to ``v`` under the square root, which only matters for coordinates with ``|g| < ~1e-6``.
 """
 
 from collections.abc import Iterable
