@@ -109,7 +109,7 @@ def test_cancel_then_ctrl_c_stops_everything(up: Up, tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(spec))
     out = _orchestra("submit", str(path), api=up.api)
     assert out.returncode == 0, out.stderr
-    exp_id = out.stdout.split("experiment ")[1].split()[0]
+    exp_id = out.stdout.split()[0]
     deadline = time.monotonic() + 120
     while httpx.get(f"{up.api}/v1/experiments/{exp_id}").json()["status"] != "running":
         assert time.monotonic() < deadline
