@@ -1,0 +1,159 @@
+"""Model merging at small scale on CPU: the PLeaS claim on the built-in digits task.
+
+Two MLPs (or CNNs) of the digits task are trained on disjoint halves of the classes (0-4 and 5-9)
+and merged into one model; every merged model is scored on the full test split (all 10 classes).
+
+- ``diff-init``: the two models start from different random initialisations (PLeaS's setting: no
+  common base). Task arithmetic and TIES need a base: they get the mean of the two initialisations,
+  the nearest thing to one (with scaling 1/2 task arithmetic is then weight averaging).
+- ``shared-base``: both are fine-tuned from one base (a model trained for one epoch on all
+  classes): the setting task arithmetic, TIES and aTLAS are designed for.
+
+PLeaS (Nasery et al. 2024) gets unlabelled training images of both halves; PLeaS-free gets no
+data at all (standard-normal inputs). "perm+avg" is the ablation that matches units like PLeaS and
+then averages the permuted weights (Git Re-Basin / ZipIt style) instead of solving least squares.
+
+    python bench/merge_cpu.py            # 5 seeds, MLP [64, 64] and CNN [8, 16]
+    python bench/merge_cpu.py --quick    # 1 seed, MLP only
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from algorithms.merging.pleas import PleasMerger  # noqa: E402
+from algorithms.merging.registry import build  # noqa: E402
+from workers.tasks.digits import build_cnn, build_mlp, load_digits_split  # noqa: E402
+
+HALVES = ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9])
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, seed: int) -> nn.Module:
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=gen).split(32):
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((model(x).argmax(-1) == y).float().mean())
+
+
+def permute_and_average(a: nn.Sequential, b: nn.Sequential, x: torch.Tensor) -> nn.Module:
+    """Match units as PLeaS does (full matching), then average the permuted weights (no least squares)."""
+    merger = PleasMerger(ridge=0.0)
+    merger.merge([a, b], data=[x])  # only for its matches
+    out = copy.deepcopy(a)
+    la = [m for m in a.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    lb = [m for m in b.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    lo = [m for m in out.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    prev = None
+    with torch.no_grad():
+        for j, (wa, wb, wo) in enumerate(zip(la, lb, lo, strict=True)):
+            m = merger.matches_[j]
+            pa, pb = m.pairs_a, m.pairs_b  # full matching: pairs_a is 0..d-1
+            wa_, wb_ = wa.weight[pa], wb.weight[pb]
+            if prev is not None:
+                d_in = len(prev.pairs_a)
+                if isinstance(wa, nn.Linear) and wa.in_features != d_in:  # Linear after Flatten of maps
+                    s = wa.in_features // d_in
+                    wa_ = wa_.view(len(pa), d_in, s)[:, prev.pairs_a].reshape(len(pa), -1)
+                    wb_ = wb_.view(len(pb), d_in, s)[:, prev.pairs_b].reshape(len(pb), -1)
+                else:
+                    wa_, wb_ = wa_[:, prev.pairs_a], wb_[:, prev.pairs_b]
+            wo.weight.copy_((wa_ + wb_) / 2)
+            assert wo.bias is not None and wa.bias is not None and wb.bias is not None
+            wo.bias.copy_((wa.bias[pa] + wb.bias[pb]) / 2)
+            prev = m
+    return out
+
+
+def run_seed(arch: str, setting: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
+    x_tr, y_tr, x_te, y_te = load_digits_split(0.2)
+    make = (lambda: build_mlp([64, 64])) if arch == "mlp" else (lambda: build_cnn([8, 16], 64))
+    masks = [torch.isin(y_tr, torch.tensor(h)) for h in HALVES]
+    torch.manual_seed(1000 * seed)
+    if setting == "diff-init":
+        inits = [make(), make()]
+        base = make()
+        base.load_state_dict({k: (inits[0].state_dict()[k] + inits[1].state_dict()[k]) / 2 for k in base.state_dict()})
+        lr, epochs = 1e-3, args.epochs
+    else:
+        base = train(make(), x_tr, y_tr, epochs=1, lr=1e-3, seed=seed)
+        inits = [copy.deepcopy(base), copy.deepcopy(base)]
+        lr, epochs = 5e-4, args.epochs
+    a, b = (train(inits[i], x_tr[masks[i]], y_tr[masks[i]], epochs=epochs, lr=lr, seed=seed * 10 + i)
+            for i in range(2))  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    unlabelled = x_tr[torch.randperm(len(y_tr), generator=gen)[: args.merge_examples]]
+    few = torch.randperm(len(y_tr), generator=gen)[: args.merge_examples]
+
+    res: dict[str, float] = {
+        "model A (0-4)": accuracy(a, x_te, y_te),
+        "model B (5-9)": accuracy(b, x_te, y_te),
+        "ensemble (mean logits)": accuracy(lambda z: (a(z) + b(z)) / 2, x_te, y_te),
+        "average": accuracy(build("average").merge([a, b]), x_te, y_te),
+    }
+    if setting == "shared-base":
+        res["base"] = accuracy(base, x_te, y_te)
+    res["task arithmetic (lambda 1)"] = accuracy(build("task_arithmetic", scaling=1.0).merge([a, b], base=base), x_te, y_te)
+    res["TIES (density 0.2, lambda 1)"] = accuracy(build("ties", density=0.2, scaling=1.0).merge([a, b], base=base), x_te, y_te)
+    if setting == "shared-base":
+        atlas = build("atlas", steps=200, lr=0.02).merge([a, b], base=base, data=[(x_tr[few], y_tr[few])])
+        res[f"aTLAS ({args.merge_examples} labelled)"] = accuracy(atlas, x_te, y_te)
+    res["perm+avg (matching, no LS)"] = accuracy(permute_and_average(a, b, unlabelled), x_te, y_te)
+    for tw in (0.75, 1.0, 1.5, 2.0):
+        merged = build("pleas", target_width=tw).merge([a, b], data=[unlabelled])
+        res[f"PLeaS width {tw}x"] = accuracy(merged, x_te, y_te)
+    shape = list(x_tr.shape[1:])
+    free = build("pleas", data_free=True, input_shape=shape, noise_samples=args.merge_examples).merge([a, b])
+    res["PLeaS-free width 1.0x (noise)"] = accuracy(free, x_te, y_te)
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 seed, MLP only")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--merge-examples", type=int, default=512, help="PLeaS / aTLAS data (from the train split)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    seeds = 1 if args.quick else args.seeds
+    archs = ["mlp"] if args.quick else ["mlp", "cnn"]
+    t0 = time.perf_counter()
+    print(f"digits, halves 0-4 / 5-9, test accuracy on all 10 classes; mean +- std over {seeds} seed(s)\n")
+    for arch in archs:
+        for setting in ("diff-init", "shared-base"):
+            runs = [run_seed(arch, setting, s, args) for s in range(seeds)]
+            print(f"### {arch.upper()} ({'hidden [64, 64]' if arch == 'mlp' else 'channels [8, 16], hidden 64'}), "
+                  f"{setting}\n")
+            print("| method | test accuracy |\n| --- | --- |")
+            for key in runs[0]:
+                vals = [r[key] for r in runs]
+                sd = f" +- {statistics.stdev(vals):.3f}" if len(vals) > 1 else ""
+                print(f"| {key} | {statistics.mean(vals):.3f}{sd} |")
+            print(flush=True)
+    print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
