@@ -15,6 +15,11 @@ the rule holds for any optimizer (SGD, Adam, AdamW: the update is linear in lr).
 gradient instead would be cancelled by Adam's normalisation. The paper states the rule per
 parameter vector; per-row coefficients would need a custom optimizer, which the worker loop's
 "any torch optimizer" contract rules out: a documented deviation.
+
+Mechanics: the coefficient is applied inside ``optimizer.step()`` through the step hooks of
+``optim_hooks.py``: just before the step each ALLoRA group's ``lr`` (whatever the schedule set)
+is multiplied by 1 / sqrt(||p||^2 + 1/eta^2) of its tensor as it is now, and restored right after.
+So the schedule, the logged lr and a checkpoint restore all see the plain scheduled lr.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from algorithms.peft import optim_hooks
 from algorithms.peft.base import PeftHandle
 from algorithms.peft.lora import apply_lora, lora_pairs
+from algorithms.peft.optim_hooks import groups_holding
 
 
 def allora_lr(base_lr: float, norm: float, eta: float) -> float:
@@ -37,31 +44,31 @@ def allora_lr(base_lr: float, norm: float, eta: float) -> float:
 class ALLoRAHandle(PeftHandle):
     eta: float = 1.0
     lora_params: list[nn.Parameter]
+    _ids: set[int]
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
-        ids = {id(p) for p in self.lora_params}
-        others = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
-        groups: list[dict[str, Any]] = [
-            {"params": [p], "lr": lr, "base_lr": lr, "allora": True} for p in self.lora_params
-        ]
+        others = [p for p in self.model.parameters() if p.requires_grad and id(p) not in self._ids]
+        groups: list[dict[str, Any]] = [{"params": [p], "lr": lr} for p in self.lora_params]
         if others:
             groups.append({"params": others, "lr": lr})
         self._groups = groups
-        self._refresh()
         return groups
 
     @torch.no_grad()
-    def _refresh(self) -> None:
-        groups = [g for g in self._groups if g.get("allora")]
+    def pre_step(self, optimizer: torch.optim.Optimizer) -> None:
+        groups = groups_holding(optimizer, self._ids)
         if not groups:
             return
         # one fused norm kernel and a single host transfer (no per-tensor GPU sync)
         norms = torch.stack(torch._foreach_norm([g["params"][0].detach() for g in groups]))
         for g, norm in zip(groups, norms.float().tolist(), strict=True):
-            g["lr"] = allora_lr(g["base_lr"], norm, self.eta)
+            g["allora_scheduled_lr"] = g["lr"]
+            g["lr"] = allora_lr(g["lr"], norm, self.eta)
 
-    def on_step_start(self, step: int, model: nn.Module) -> None:
-        self._refresh()
+    def post_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for g in groups_holding(optimizer, self._ids):
+            if "allora_scheduled_lr" in g:
+                g["lr"] = g.pop("allora_scheduled_lr")
 
 
 def apply_allora(
@@ -91,4 +98,6 @@ def apply_allora(
     handle = ALLoRAHandle(name="allora", model=base.model, merge_adapter=base.merge_adapter)
     handle.eta = eta
     handle.lora_params = [t for p in lora_pairs(handle.model) for t in (p.A, p.B)]
+    handle._ids = {id(t) for t in handle.lora_params}
+    optim_hooks.attach(handle)
     return handle

@@ -17,24 +17,26 @@ the loop calls. The loop calls them in exactly this order on every step::
 
 Notes on each hook:
 
-- ``param_groups(model, lr)``: the optimizer's parameter groups (plain ``torch.optim`` dicts). The
-  handle keeps references to the dicts it returns; ``torch.optim.Optimizer`` stores those same
-  dict objects, so a method may change a group's ``lr`` later (ALLoRA recomputes its per-tensor
-  ``lr`` from each group's ``base_lr`` at every ``on_step_start``: a learning-rate schedule must
-  scale ``base_lr`` of groups that carry one, ``lr`` of the others).
+- ``param_groups(model, lr)``: the optimizer's parameter groups (plain ``torch.optim`` dicts).
+  Methods that act inside the optimizer step (ALLoRA's per-tensor learning rate, OwLore's GaLore
+  update) do it through torch's optimizer step hooks (``optim_hooks.py``), which see the
+  optimizer's live groups: the lr the schedule set for this step, and the groups that a
+  checkpoint restore (``Optimizer.load_state_dict``) put in place of the ones returned here.
 - ``on_step_start(step, model)``: before the forward pass. Anything that changes the weights
   the forward pass reads must happen here (autograd saves them for backward): LISA/OwLore
   resample their active layers, LoRA-GGPO adds its perturbation to the frozen base weights.
 - ``before_backward(step, model)``: after the forward pass, before ``backward``. No method in
   this package needs it today; it is part of the contract so that one can.
 - ``after_backward(step, model)``: after ``backward`` (and after DDP's all-reduce), before the
-  optimizer step. LoRA-Pro replaces the A/B gradients here, LoRA-GGPO removes its perturbation,
-  OwLore applies its low-rank (GaLore) update to the sampled layers' matrices itself and clears
-  their gradients so the optimizer skips them.
+  optimizer step. LoRA-Pro replaces the A/B gradients here, LoRA-GGPO removes its perturbation.
+  Optimizers that re-evaluate the loss (SAM-style closures) may call it several times a step.
 - ``save_adapter(model, path)``: writes what HF can load: a peft adapter directory
   (``peft.PeftModel.from_pretrained``), or, with ``merge_adapter=True``, the merged model
   (``AutoModel*.from_pretrained``). LISA/OwLore train the model's own weights, so they write the
   full model with ``save_pretrained``.
+- ``merge_into_base(model)``: the plain model (the architecture before ``apply``) with the
+  adapter folded in, for a state dict that the un-adapted model loads. It may modify the
+  handle's model in place: call it last.
 
 The ``model`` argument is accepted for the loop's convenience (it may be a DDP wrapper); the
 hooks act on the modules the handle captured at ``apply`` time, which stay the same objects.
@@ -73,10 +75,11 @@ class PeftHandleProtocol(Protocol):
     def before_backward(self, step: int, model: nn.Module) -> None: ...
     def after_backward(self, step: int, model: nn.Module) -> None: ...
     def save_adapter(self, model: nn.Module, path: str | Path) -> Path: ...
+    def merge_into_base(self, model: nn.Module) -> nn.Module: ...
     def param_counts(self) -> tuple[int, int]: ...
 
 
-@dataclass
+@dataclass(eq=False)  # identity hash: live handles are kept in a WeakSet (optim_hooks)
 class PeftHandle:
     """Default handle: a peft-wrapped model whose hooks do nothing.
 
@@ -112,6 +115,11 @@ class PeftHandle:
         else:
             self.model.save_pretrained(str(out))  # type: ignore[operator]
         return out
+
+    def merge_into_base(self, model: nn.Module) -> nn.Module:
+        """The un-adapted architecture with the adapter merged in (peft's ``merge_and_unload``, in
+        place: the handle's model is consumed)."""
+        return self.model.merge_and_unload()  # type: ignore[operator,no-any-return]
 
     def param_counts(self) -> tuple[int, int]:
         """(trainable, total) parameter counts, to be logged with the run."""

@@ -15,10 +15,20 @@ score; ||X_j|| is the input feature norm over ``init_batches`` batches when give
 the sampled blocks' matrices are updated with GaLore's low-rank projected Adam (rank,
 update_proj_gap, scale) instead of full Adam, which is what bounds the optimizer memory.
 
-OwLore's GaLore update runs inside ``after_backward`` (it is an optimizer step on those
-matrices, reading ``lr`` and ``weight_decay`` from their own parameter group so a schedule still
-applies), then their gradients are cleared so that the loop's optimizer skips them. Moments are
-dropped when a block is no longer sampled (as in OwLore: the sampled blocks' states are fresh).
+Sampling: the blocks of period k = step // interval are drawn from a generator seeded with
+(seed, k), so a run restored from a checkpoint mid-period trains the same blocks as the run it
+continues. The first period is drawn at ``apply`` (the trainable-parameter count logged before
+training is then the real one).
+
+OwLore's GaLore update runs inside ``optimizer.step()`` through the step hooks of
+``optim_hooks.py``: for each sampled matrix it reads ``lr``, ``betas``, ``eps`` and
+``weight_decay`` from the optimizer's live group holding it (so a schedule applies), updates the
+matrix, and clears its gradient so that the optimizer itself skips it. The projected moments
+live in the optimizer's ``state[p]`` (``owlore_*`` keys), so they are checkpointed with it; they
+are dropped when a new period starts (as in OwLore: newly sampled blocks start fresh).
+
+Multi-worker DDP is not supported: DDP registers the parameters that require gradients when it
+wraps the model, and LISA changes that set as it goes (the worker refuses it).
 """
 
 from __future__ import annotations
@@ -29,8 +39,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from algorithms.peft import optim_hooks
 from algorithms.peft.base import InitBatches, PeftHandle
-from algorithms.peft.galore_proj import LowRankAdamState, galore_adam_step
+from algorithms.peft.galore_proj import PREFIX, galore_adam_step
 from algorithms.peft.lora import _take
 
 
@@ -54,13 +65,16 @@ class LISAHandle(PeftHandle):
     blocks: nn.ModuleList
     n_layers: int = 2
     interval: int = 20
+    seed: int = 0
     probs: torch.Tensor
-    generator: torch.Generator
     active: list[int]
+    period: int = -1
 
-    def _sample(self) -> list[int]:
+    def sample(self, period: int) -> list[int]:
+        """The blocks trained in period ``period`` (a pure function of seed and period)."""
         k = min(self.n_layers, len(self.blocks))
-        idx = torch.multinomial(self.probs, k, replacement=False, generator=self.generator)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + period)
+        idx = torch.multinomial(self.probs, k, replacement=False, generator=gen)
         return sorted(int(i) for i in idx)
 
     def _set_active(self, active: list[int]) -> None:
@@ -78,8 +92,10 @@ class LISAHandle(PeftHandle):
         return self._groups
 
     def on_step_start(self, step: int, model: nn.Module) -> None:
-        if step % self.interval == 0:
-            self._set_active(self._sample())
+        period = step // self.interval
+        if period != self.period:
+            self.period = period
+            self._set_active(self.sample(period))
 
     def save_adapter(self, model: nn.Module, path: str | Path) -> Path:
         """Full-weight methods: the whole model, ``save_pretrained`` format (not a peft adapter)."""
@@ -88,12 +104,14 @@ class LISAHandle(PeftHandle):
         self.model.save_pretrained(str(out))  # type: ignore[operator]
         return out
 
+    def merge_into_base(self, model: nn.Module) -> nn.Module:
+        return self.model
+
 
 class OwLoreHandle(LISAHandle):
     rank: int = 8
     update_proj_gap: int = 200
     scale: float = 0.25
-    states: dict[int, LowRankAdamState]
 
     def _matrices(self, blocks: list[int] | None = None) -> list[nn.Parameter]:
         idx = range(len(self.blocks)) if blocks is None else blocks
@@ -102,37 +120,34 @@ class OwLoreHandle(LISAHandle):
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
         mats = {id(p) for p in self._matrices()}
         rest = [p for p in self.model.parameters() if id(p) not in mats]
-        self._groups = [
-            {"params": rest, "lr": lr},
-            {"params": self._matrices(), "lr": lr, "owlore_galore": True},
-        ]
+        self._groups = [{"params": rest, "lr": lr}, {"params": self._matrices(), "lr": lr}]
         return self._groups
 
-    def _set_active(self, active: list[int]) -> None:
-        super()._set_active(active)
-        self.states = {}
+    @torch.no_grad()
+    def pre_step(self, optimizer: torch.optim.Optimizer) -> None:
+        active = {id(p): p for p in self._matrices(self.active) if p.grad is not None}
+        if not active:
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in active:
+                    continue
+                state = optimizer.state[p]
+                if state.get("owlore_period") != self.period:  # newly sampled: fresh moments
+                    for key in [k for k in state if k.startswith(PREFIX)]:
+                        del state[key]
+                    state["owlore_period"] = self.period
+                betas = group.get("betas", (0.9, 0.999))
+                galore_adam_step(
+                    p, p.grad, state, rank=self.rank, update_proj_gap=self.update_proj_gap,
+                    scale=self.scale, lr=float(group["lr"]),
+                    betas=(float(betas[0]), float(betas[1])), eps=float(group.get("eps", 1e-8)),
+                    weight_decay=float(group.get("weight_decay", 0.0)),
+                )
+                p.grad = None  # the optimizer's own update skips it
 
-    def after_backward(self, step: int, model: nn.Module) -> None:
-        group = next((g for g in self._groups if g.get("owlore_galore")), {})
-        lr = float(group.get("lr", 0.0))
-        betas = tuple(group.get("betas", (0.9, 0.999)))
-        for p in self._matrices(self.active):
-            if p.grad is None:
-                continue
-            self.states[id(p)] = galore_adam_step(
-                p.data,
-                p.grad,
-                self.states.get(id(p)),
-                step=step,
-                rank=self.rank,
-                update_proj_gap=self.update_proj_gap,
-                scale=self.scale,
-                lr=lr,
-                betas=(float(betas[0]), float(betas[1])),
-                eps=float(group.get("eps", 1e-8)),
-                weight_decay=float(group.get("weight_decay", 0.0)),
-            )
-            p.grad = None
+    def post_step(self, optimizer: torch.optim.Optimizer) -> None:
+        return None
 
 
 @torch.no_grad()
@@ -173,12 +188,9 @@ def outlier_ratios(
 
 def _common(handle: LISAHandle, n_layers: int, interval: int, seed: int) -> None:
     handle.blocks = find_blocks(handle.model)
-    handle.n_layers, handle.interval = n_layers, interval
-    handle.generator = torch.Generator().manual_seed(seed)
-    handle.active = []
+    handle.n_layers, handle.interval, handle.seed = n_layers, interval, seed
     for p in handle.model.parameters():
         p.requires_grad_(True)
-    handle._set_active([])  # frozen until the first on_step_start samples
 
 
 def apply_lisa(
@@ -192,6 +204,7 @@ def apply_lisa(
     handle = LISAHandle(name="lisa", model=model)
     _common(handle, n_layers, interval, seed)
     handle.probs = torch.full((len(handle.blocks),), 1.0 / len(handle.blocks))
+    handle.on_step_start(0, model)
     return handle
 
 
@@ -220,6 +233,6 @@ def apply_owlore(
     ratios = ratios.clamp_min(1e-6)
     handle.probs = ratios / ratios.sum()
     handle.rank, handle.update_proj_gap, handle.scale = rank, update_proj_gap, scale
-    handle.states = {}
+    handle.on_step_start(0, model)
+    optim_hooks.attach(handle)
     return handle
-

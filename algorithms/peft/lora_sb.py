@@ -70,30 +70,47 @@ def full_gradients(
     return grads
 
 
+def fold_cores(model: nn.Module) -> list[tuple[nn.ModuleDict, str, CoreA]]:
+    """Replace every ``CoreA`` of ``model`` by a frozen ``nn.Linear`` with weight R @ A (a plain
+    LoRA ``lora_A``); returns what ``unfold_cores`` needs to put them back."""
+    swapped = []
+    for mod in list(model.modules()):
+        if isinstance(mod, nn.ModuleDict):
+            for key, core in list(mod.items()):
+                if isinstance(core, CoreA):
+                    weight = core.weight.detach().clone()
+                    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False,
+                                    device=weight.device, dtype=weight.dtype)
+                    lin.weight = nn.Parameter(weight, requires_grad=False)
+                    mod[key] = lin
+                    swapped.append((mod, key, core))
+    return swapped
+
+
+def unfold_cores(swapped: list[tuple[nn.ModuleDict, str, CoreA]]) -> None:
+    for mod, key, core in swapped:
+        mod[key] = core
+
+
 class LoRASBHandle(PeftHandle):
     pairs: list[LoraPair]
 
     @contextlib.contextmanager
-    def _folded(self) -> Iterator[None]:
-        """Temporarily replace each CoreA by a plain Linear with weight R @ A (standard LoRA)."""
-        swapped = []
-        for p in self.pairs:
-            core = p.layer.lora_A["default"]
-            assert isinstance(core, CoreA)
-            r, n = core.weight.shape
-            lin = nn.Linear(n, r, bias=False)
-            lin.weight = nn.Parameter(core.weight.detach().clone(), requires_grad=False)
-            p.layer.lora_A["default"] = lin
-            swapped.append((p, core))
+    def _folded(self, model: nn.Module) -> Iterator[None]:
+        """Temporarily make every layer a standard LoRA layer (lora_A = R A, lora_B = B)."""
+        swapped = fold_cores(model)
         try:
             yield
         finally:
-            for p, core in swapped:
-                p.layer.lora_A["default"] = core
+            unfold_cores(swapped)
 
     def save_adapter(self, model: nn.Module, path: str | Path) -> Path:
-        with self._folded():
+        with self._folded(self.model):
             return super().save_adapter(model, path)
+
+    def merge_into_base(self, model: nn.Module) -> nn.Module:
+        fold_cores(self.model)
+        return super().merge_into_base(model)
 
 
 def apply_lora_sb(

@@ -32,6 +32,9 @@ class GeneratedTextData(StrictModel):
     """A small text-classification set the project generates (offline)."""
 
     name: Literal["generated_text"]
+    generator: Literal["sentiment", "topic"] = Field(
+        default="sentiment", description="templated reviews with negation (2 labels) or topics (4)"
+    )
     n_examples: int = Field(default=2000, ge=10, le=1_000_000)
     max_length: int = Field(default=64, ge=4, le=8192)
 
@@ -107,10 +110,11 @@ ModelSpec = Annotated[
 
 # ---- the task --------------------------------------------------------------------------------
 
+_TEXT = {"generated_text", "jsonl", "csv", "disk"}
 _ALLOWED = {
     "image_classification": ({"digits"}, {"mlp", "cnn"}),
-    "causal_lm": ({"char_corpus"}, {"llama", "gpt2", "pretrained"}),
-    "seq_classification": ({"generated_text", "jsonl", "csv", "disk"}, {"pretrained"}),
+    "causal_lm": ({"char_corpus"} | _TEXT, {"llama", "gpt2", "pretrained"}),
+    "seq_classification": (_TEXT, {"pretrained"}),
 }
 
 
@@ -135,4 +139,10 @@ class TaskSpec(StrictModel):
             raise ValueError(
                 f"model {self.model.name!r} does not fit kind {self.kind!r} (use one of {sorted(models)})"
             )
+        if self.dataset.name in _TEXT and self.model.name != "pretrained":
+            raise ValueError(f"dataset {self.dataset.name!r} needs a pretrained model (its tokenizer); "
+                             "a model built from a config reads char_corpus")
+        if (self.kind == "seq_classification" and isinstance(self.dataset, LocalTextData)
+                and self.dataset.label_field is None):
+            raise ValueError("dataset.label_field is required for seq_classification")
         return self

@@ -78,29 +78,38 @@ def generate_topic(n: int, seed: int = 0) -> list[Example]:
     return out
 
 
-def load_jsonl(path: str | Path, text_field: str = "text", label_field: str = "label") -> list[Example]:
+def _row(row: Any, text_field: str, label_field: str | None) -> Example:
+    out: Example = {"text": str(row[text_field])}
+    if label_field is not None:
+        out["label"] = int(row[label_field])
+    return out
+
+
+def load_jsonl(path: str | Path, text_field: str = "text", label_field: str | None = "label") -> list[Example]:
+    """``label_field=None``: text only (causal LM)."""
+    needed = [f for f in (text_field, label_field) if f is not None]
     out = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             row = json.loads(line)
-            if text_field not in row or label_field not in row:
-                raise ValueError(f"{path}:{lineno}: needs fields {text_field!r} and {label_field!r}")
-            out.append({"text": str(row[text_field]), "label": int(row[label_field])})
+            if any(k not in row for k in needed):
+                raise ValueError(f"{path}:{lineno}: needs fields {' and '.join(map(repr, needed))}")
+            out.append(_row(row, text_field, label_field))
     return out
 
 
-def load_csv(path: str | Path, text_field: str = "text", label_field: str = "label") -> list[Example]:
+def load_csv(path: str | Path, text_field: str = "text", label_field: str | None = "label") -> list[Example]:
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
-        missing = {text_field, label_field} - set(reader.fieldnames or [])
+        missing = {k for k in (text_field, label_field) if k is not None} - set(reader.fieldnames or [])
         if missing:
             raise ValueError(f"{path}: missing columns {sorted(missing)}")
-        return [{"text": r[text_field], "label": int(r[label_field])} for r in reader]
+        return [_row(r, text_field, label_field) for r in reader]
 
 
-def load_disk(path: str | Path, text_field: str = "text", label_field: str = "label") -> list[Example]:
+def load_disk(path: str | Path, text_field: str = "text", label_field: str | None = "label") -> list[Example]:
     try:
         import datasets
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -111,11 +120,17 @@ def load_disk(path: str | Path, text_field: str = "text", label_field: str = "la
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"]
-    return [{"text": str(r[text_field]), "label": int(r[label_field])} for r in ds]
+    missing = {k for k in (text_field, label_field) if k is not None} - set(ds.column_names)
+    if missing:
+        raise ValueError(f"{path}: missing columns {sorted(missing)}")
+    return [_row(r, text_field, label_field) for r in ds]
+
+
+LOADERS = {"jsonl": load_jsonl, "csv": load_csv, "disk": load_disk}
 
 
 def load_text_dataset(
-    source: str, *, n: int = 2000, seed: int = 0, text_field: str = "text", label_field: str = "label"
+    source: str, *, n: int = 2000, seed: int = 0, text_field: str = "text", label_field: str | None = "label"
 ) -> list[Example]:
     """Examples from ``builtin:<name>``, a JSONL/CSV file or a ``save_to_disk`` directory."""
     if source.startswith("builtin:"):

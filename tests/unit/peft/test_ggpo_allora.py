@@ -84,6 +84,28 @@ def test_ggpo_perturbation_is_present_during_forward() -> None:
     assert torch.equal(handle.pairs[0].base_weight, w0)  # type: ignore[attr-defined]
 
 
+def test_ggpo_hooks_tolerate_closures_and_skipped_restores() -> None:
+    """A second after_backward (SAM-style closure) is a no-op; a step that never reached
+    after_backward is restored before the next perturbation."""
+    torch.manual_seed(0)
+    handle = apply("lora_ggpo", TinyMLP(), r=2, target_modules=["fc1"], rho=0.5)
+    w0 = handle.pairs[0].base_weight.detach().clone()  # type: ignore[attr-defined]
+    handle.on_step_start(0, handle.model)
+    handle.on_step_start(1, handle.model)  # no after_backward in between
+    handle.after_backward(1, handle.model)
+    handle.after_backward(1, handle.model)
+    assert torch.equal(handle.pairs[0].base_weight, w0)  # type: ignore[attr-defined]
+
+
+def _allora_step(handle: Any, opt: torch.optim.Optimizer, tensor: torch.Tensor) -> torch.Tensor:
+    handle.on_step_start(0, handle.model)
+    before = tensor.detach().clone()
+    tensor.grad = torch.ones_like(tensor)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return tensor.detach() - before
+
+
 def test_allora_step_is_inverse_to_norm() -> None:
     torch.manual_seed(0)
     eta, lr = 2.0, 0.5
@@ -96,20 +118,40 @@ def test_allora_step_is_inverse_to_norm() -> None:
     for norm in (5.0, 10.0, 40.0):
         with torch.no_grad():
             pair.A.mul_(norm / pair.A.norm())
-        handle.on_step_start(0, handle.model)
-        before = pair.A.detach().clone()
-        pair.A.grad = torch.ones_like(pair.A)
-        opt.step()
-        step = pair.A.detach() - before
+        step = _allora_step(handle, opt, pair.A)
         expected = lr / math.sqrt(norm**2 + 1 / eta**2)
         torch.testing.assert_close(step, -expected * torch.ones_like(step))
         steps[norm] = float(step.abs().max())
-        opt.zero_grad(set_to_none=True)
     assert steps[5.0] / steps[10.0] == pytest.approx(2.0, rel=1e-2)
     assert steps[10.0] / steps[40.0] == pytest.approx(4.0, rel=2e-3)  # 1/norm, up to the 1/eta^2 term
     # a zero tensor (B at init) gets the bounded rate lr * eta
-    b_group = next(g for g in groups if g["params"][0] is pair.B)
-    assert b_group["lr"] == pytest.approx(lr * eta)
+    step_b = _allora_step(handle, opt, pair.B)
+    torch.testing.assert_close(step_b, torch.full_like(step_b, -lr * eta))
+    # outside the step every group shows the plain lr (what the schedule and the logs see)
+    assert all(g["lr"] == lr for g in opt.param_groups)
+
+
+def test_allora_keeps_the_schedule_and_survives_a_restore() -> None:
+    torch.manual_seed(0)
+    lr, eta = 0.2, 1.0
+    handle = apply("allora", TinyMLP(), r=2, target_modules=["fc1"], eta=eta)
+    pair = lora_pairs(handle.model)[0]
+    opt = torch.optim.AdamW(handle.param_groups(handle.model, lr), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 ** t)  # halves every step
+    for _ in range(2):
+        _allora_step(handle, opt, pair.A)
+        sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(lr / 4)
+    # a fresh optimizer restored from a checkpoint: the hooks find its new group dicts
+    state = copy.deepcopy(opt.state_dict())
+    opt2 = torch.optim.AdamW(handle.param_groups(handle.model, lr), weight_decay=0.0)
+    opt2.load_state_dict(state)
+    norm = float(pair.A.detach().norm())
+    step = _allora_step(handle, opt2, pair.A)
+    # Adam's step after a few identical gradients is ~lr_t in size (m_hat / sqrt(v_hat) = 1)
+    expected = (lr / 4) / math.sqrt(norm**2 + 1 / eta**2)
+    torch.testing.assert_close(step, torch.full_like(step, -expected), rtol=1e-3, atol=1e-7)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(lr / 4)
 
 
 def test_allora_refuses_dropout() -> None:

@@ -91,3 +91,48 @@ def test_projection_matches_galore_torch() -> None:
         torch.testing.assert_close(low.abs(), oracle.project(grad, 0).abs(), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(ours.project_back(low), oracle.project_back(oracle.project(grad, 0)),
                                    atol=1e-5, rtol=1e-4)
+
+
+def test_sampling_is_a_function_of_the_period(llama_dir: Path) -> None:
+    """A run restored mid-period trains the same blocks as the run it continues."""
+    torch.manual_seed(0)
+    a = apply("lisa", AutoModelForCausalLM.from_pretrained(str(llama_dir)), n_layers=2, interval=3, seed=5)
+    periods = []
+    for step in range(12):
+        a.on_step_start(step, a.model)
+        periods.append(tuple(a.active))  # type: ignore[attr-defined]
+    assert len(set(periods)) > 1  # it does resample
+    b = apply("lisa", AutoModelForCausalLM.from_pretrained(str(llama_dir)), n_layers=2, interval=3, seed=5)
+    b.on_step_start(7, b.model)  # restored at step 7 (period 2)
+    assert tuple(b.active) == periods[7]  # type: ignore[attr-defined]
+    # trainable from the start: the count logged before step 0 is the real one
+    c = apply("lisa", AutoModelForCausalLM.from_pretrained(str(llama_dir)), n_layers=2, interval=3, seed=5)
+    assert tuple(c.active) == periods[0]  # type: ignore[attr-defined]
+
+
+def test_owlore_update_is_galore_adam_on_the_sampled_matrix(llama_dir: Path) -> None:
+    """First step: Adam's m_hat / sqrt(v_hat) = sign(low), so W -= lr * scale * P sign(P^T G)
+    (or sign(G P) P^T), with P from the gradient's SVD (GaLore's projector as the oracle)."""
+    from galore_torch.galore_projector import GaLoreProjector
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(llama_dir))
+    lr, rank, scale = 1e-2, 4, 0.25
+    handle = apply("owlore", model, n_layers=1, interval=10, rank=rank, scale=scale)
+    opt = torch.optim.AdamW(handle.param_groups(handle.model, lr), weight_decay=0.0, eps=1e-12)
+    handle.on_step_start(0, handle.model)
+    handle.model(**lm_batch(0)).loss.backward()
+    blk = handle.blocks[handle.active[0]]  # type: ignore[attr-defined]
+    mats = {n: p for n, p in blk.named_parameters() if p.dim() == 2}
+    before = {n: p.detach().clone() for n, p in mats.items()}
+    grads = {n: p.grad.detach().clone() for n, p in mats.items()}  # type: ignore[union-attr]
+    opt.step()
+    for n, p in mats.items():
+        oracle = GaLoreProjector(rank=rank, update_proj_gap=10, scale=1.0, proj_type="std")
+        direction = oracle.project_back(torch.sign(oracle.project(grads[n], 0)))
+        torch.testing.assert_close(p.detach(), before[n] - lr * scale * direction, atol=1e-6, rtol=1e-5)
+        assert p.grad is None  # the optimizer's own update skipped it
+        state = opt.state[p]
+        assert state["owlore_step"] == 1 and min(state["owlore_exp_avg"].shape) == rank
+    # the moments are in the optimizer's state dict (checkpointed with it)
+    assert any("owlore_exp_avg" in s for s in opt.state_dict()["state"].values())
