@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 Closure = Callable[..., torch.Tensor]
 
@@ -31,7 +32,9 @@ class SAM(torch.optim.Optimizer):
             raise ValueError(f"SAM base must be 'sgd' or 'adamw', not {base!r}")
         self.param_groups = self.base.param_groups
         self.state = self.base.state
-        self.sum_across: Callable[[torch.Tensor], None] | None = None
+        self.partitioned = False  # set by PartitionedOptimizer: sum the gradient norm over ranks
+        self.partition_group: Any = None
+        self.process_group: Any = None
 
     def state_dict(self) -> dict[str, Any]:
         return self.base.state_dict()
@@ -48,13 +51,18 @@ class SAM(torch.optim.Optimizer):
             loss = closure(backward=True)
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         grads = [p.grad for p in params]
-        sq = torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum()
-        if self.sum_across is not None:
-            self.sum_across(sq)
-        eps = torch._foreach_mul(grads, (self.param_groups[0]["rho"] / (sq.sqrt() + 1e-12)).to(grads[0].dtype))
-        torch._foreach_add_(params, eps)
+        device = self.param_groups[0]["params"][0].device
+        sq = sum((n.double().square() for n in torch._foreach_norm(grads)), torch.zeros((), device=device,
+                                                                                        dtype=torch.float64))
+        if self.partitioned:
+            dist.all_reduce(sq, group=self.partition_group)
+        scale = self.param_groups[0]["rho"] / (sq.sqrt() + 1e-12)
+        eps = [g * scale.to(g.dtype) for g in grads]
+        if params:
+            torch._foreach_add_(params, eps)
         with torch.enable_grad():
             closure(backward=True)
-        torch._foreach_sub_(params, eps)
+        if params:
+            torch._foreach_sub_(params, eps)
         self.base.step()
         return loss

@@ -18,8 +18,9 @@ together). The returned loss is the mean of ``(f+ + f-)/2``, the loss at ``theta
 Random directions come from a generator seeded by (seed, step, parameter key, direction), so they
 do not depend on how parameters are grouped or partitioned across ranks (``assign_keys``). Under
 data parallelism the probe losses are averaged over ranks (``process_group``) so every replica
-applies the same perturbation; ``sum_across`` (set by ``PartitionedOptimizer``) sums the squared
-norm over ranks that each hold only some parameters.
+applies the same perturbation. When ``partitioned`` (set by ``PartitionedOptimizer``: each rank
+steps only the parameters it owns) the squared norm of the estimate is summed over
+``partition_group`` and the ranks agree on whether this step probes.
 """
 
 from collections.abc import Callable, Iterable, Mapping
@@ -48,7 +49,8 @@ class ZerothOrderSAM(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.zo_seed = int(torch.initial_seed() if seed is None else seed) % (2**62)
         self.process_group: Any = None
-        self.sum_across: Callable[[torch.Tensor], None] | None = None
+        self.partitioned = False
+        self.partition_group: Any = None
         self._keys: dict[torch.Tensor, int] = {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -108,8 +110,8 @@ class ZerothOrderSAM(torch.optim.Optimizer):
             else:
                 torch._foreach_add_(est, torch._foreach_mul(dirs, c.to(dirs[0].device)))
         sq = torch.stack([x.double() for x in torch._foreach_norm(est)]).square().sum()
-        if self.sum_across is not None:
-            self.sum_across(sq)
+        if self.partitioned:
+            dist.all_reduce(sq, group=self.partition_group)
         torch._foreach_mul_(est, (rho / (sq.sqrt() + 1e-12)).to(est[0].dtype))
         return loss, est
 
@@ -121,6 +123,10 @@ class ZerothOrderSAM(torch.optim.Optimizer):
         group0 = self.param_groups[0]
         group0["zo_step"] = step = int(group0.get("zo_step", 0)) + 1
         targets = self.targets() if self.defaults["rho"] > 0 else None
+        if self.partitioned:  # every rank probes, or none does (the closure runs collectives)
+            flag = torch.tensor(1.0 if targets else 0.0, device=self.param_groups[0]["params"][0].device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.partition_group)
+            targets = targets if float(flag) > 0 else None
         if not targets:
             with torch.enable_grad():
                 loss = closure(backward=True)
