@@ -56,7 +56,7 @@ def accuracy(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: 
     return float((model(x).argmax(-1) == y).float().mean())
 
 
-def permute_and_average(a: nn.Sequential, b: nn.Sequential, x: torch.Tensor) -> nn.Module:
+def permute_and_average(a: nn.Module, b: nn.Module, x: torch.Tensor) -> nn.Module:
     """Match units as PLeaS does (full matching), then average the permuted weights (no least squares)."""
     merger = PleasMerger(ridge=0.0)
     merger.merge([a, b], data=[x])  # only for its matches
@@ -91,8 +91,8 @@ def run_seed(arch: str, setting: str, seed: int, args: argparse.Namespace) -> di
     masks = [torch.isin(y_tr, torch.tensor(h)) for h in HALVES]
     torch.manual_seed(1000 * seed)
     if setting == "diff-init":
-        inits = [make(), make()]
-        base = make()
+        inits: list[nn.Module] = [make(), make()]
+        base: nn.Module = make()
         base.load_state_dict({k: (inits[0].state_dict()[k] + inits[1].state_dict()[k]) / 2 for k in base.state_dict()})
         lr, epochs = 1e-3, args.epochs
     else:
@@ -113,8 +113,10 @@ def run_seed(arch: str, setting: str, seed: int, args: argparse.Namespace) -> di
     }
     if setting == "shared-base":
         res["base"] = accuracy(base, x_te, y_te)
-    res["task arithmetic (lambda 1)"] = accuracy(build("task_arithmetic", scaling=1.0).merge([a, b], base=base), x_te, y_te)
-    res["TIES (density 0.2, lambda 1)"] = accuracy(build("ties", density=0.2, scaling=1.0).merge([a, b], base=base), x_te, y_te)
+    ta = build("task_arithmetic", scaling=1.0).merge([a, b], base=base)
+    res["task arithmetic (lambda 1)"] = accuracy(ta, x_te, y_te)
+    ties = build("ties", density=0.2, scaling=1.0).merge([a, b], base=base)
+    res["TIES (density 0.2, lambda 1)"] = accuracy(ties, x_te, y_te)
     if setting == "shared-base":
         atlas = build("atlas", steps=200, lr=0.02).merge([a, b], base=base, data=[(x_tr[few], y_tr[few])])
         res[f"aTLAS ({args.merge_examples} labelled)"] = accuracy(atlas, x_te, y_te)
