@@ -132,6 +132,8 @@ def train_worker(config: dict[str, Any]) -> None:
                             "perf/samples_per_s": samples_per_s, "perf/step_time_s": elapsed / window_steps})
             if task.tokens_per_sample:
                 metrics["perf/tokens_per_s"] = samples_per_s * task.tokens_per_sample
+            if device.type == "cuda":
+                metrics["perf/max_mem_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             logger.metrics(metrics, step=done)
             metrics = {}
             window_t, window_steps, window_loss = time.perf_counter(), 0, 0.0

@@ -88,7 +88,8 @@ def test_zero_stages_match_ddp(ray_on_stack, tmp_path: Path) -> None:  # type: i
     mlflow = MlflowClient(ray_on_stack.mlflow_uri)
     names = ["ddp", "zero0", "zero1", "zero2", "zero3"]
     specs = [tiny_spec("ds-ddp", "ddp")] + [tiny_spec(f"ds-zero{s}", "deepspeed", s) for s in range(4)]
-    runs = [{"spec": spec, "mlflow_run_id": new_run(mlflow, name)} for name, spec in zip(names, specs, strict=True)]
+    runs: list[dict[str, Any]] = [{"spec": spec, "mlflow_run_id": new_run(mlflow, name)}
+                                  for name, spec in zip(names, specs, strict=True)]
     trainer = TorchTrainer(
         _train_many,
         train_loop_config={"runs": runs, "mlflow_uri": ray_on_stack.mlflow_uri},
