@@ -51,6 +51,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -197,6 +198,12 @@ class GradientWorker:
     def ready(self) -> int:
         return self.rank
 
+    def configure(self, sizes: list[int], keep: int, wire: str) -> None:
+        """Start over with another data split (benchmarks reuse the actors across methods)."""
+        with self.lock:
+            self.sizes, self.keep, self.wire = sizes, keep, getattr(torch, wire)
+            self.streams, self.loaded = {}, None
+
     def _batch(self, part: int, job: int) -> Batch:
         if part not in self.streams:
             it = self.task.batches(rank=part, world=len(self.sizes), batch_size=self.sizes[part],
@@ -214,29 +221,58 @@ class GradientWorker:
                 offset += p.numel()
         self.loaded = job
 
+    def _joined(self, job: int, parts: list[int]) -> Batch | None:
+        """The parts' batches concatenated, or None when they do not concatenate (ragged)."""
+        batches = [self._batch(p, job) for p in parts]
+        try:
+            return tuple(torch.cat(ts) for ts in zip(*batches, strict=True))
+        except (RuntimeError, ValueError):
+            return None
+
+    def _grad(self, job: int, parts: list[int], batch: Batch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient and value of the summed loss over ``parts`` (``batch``: theirs, joined)."""
+        batch = to_device(batch if batch is not None else self._batch(parts[0], job), self.device)
+        torch.manual_seed(self.seed * 1_000_003 + job * 10_007 + parts[0])  # same dropout everywhere
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            loss = self.task.loss(self.model, batch).float() * sum(self.sizes[p] for p in parts)
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        g = torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
+                       for x, p in zip(grads, self.params, strict=True)])
+        return g, loss.detach()
+
     def _message(self, job: int, coeffs: Coeffs, flat: torch.Tensor) -> torch.Tensor:
         self._load(job, flat)
         dim = sum(p.numel() for p in self.params)
         acc = torch.zeros(dim + 1, dtype=self.wire, device=self.device)
-        for part, c in coeffs:
-            batch = to_device(self._batch(part, job), self.device)
-            torch.manual_seed(self.seed * 1_000_003 + job * 10_007 + part)  # same dropout everywhere
-            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                loss = self.task.loss(self.model, batch).float() * self.sizes[part]
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-            g = torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
-                           for x, p in zip(grads, self.params, strict=True)])
+        if len(coeffs) > 1 and all(c == 1.0 for _, c in coeffs):
+            # a plain sum (fractional repetition): one pass over the parts' batches together;
+            # every worker of the group runs the same pass, so their messages agree bit for bit
+            parts = [p for p, _ in coeffs]
+            joined = self._joined(job, parts)
+            if joined is not None:
+                g, loss = self._grad(job, parts, joined)
+                acc[:-1].add_(g.to(self.wire))
+                acc[-1] += loss.to(self.wire)
+                return acc.cpu()
+        for part, c in coeffs:  # real coefficients: per-part gradients combined in the wire dtype
+            g, loss = self._grad(job, [part])
             acc[:-1].add_(g.to(self.wire), alpha=c)
-            acc[-1] += c * loss.detach().to(self.wire)
+            acc[-1] += c * loss.to(self.wire)
         return acc.cpu()
 
-    def compute(self, items: list[WorkItem], *weights: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, float]]:
-        """``weights[i]``: the flat weights of ``items[i]``'s job (Ray resolves top-level refs)."""
+    def compute(self, items: list[WorkItem], *weights: torch.Tensor,
+                delay_s: float | None = None) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """``weights[i]``: the flat weights of ``items[i]``'s job (Ray resolves top-level refs).
+        ``delay_s`` replaces the spec's straggler delay (benchmarks replay a pattern)."""
         t0 = time.perf_counter()
         with self.lock:
             out = [self._message(job, coeffs, w) for (job, coeffs), w in zip(items, weights, strict=True)]
         compute_s = time.perf_counter() - t0
-        if self.sleep:
+        if delay_s is not None:
+            delay = delay_s
+            if self.sleep and delay > 0:
+                time.sleep(delay)
+        elif self.sleep:
             delay = self.straggler.delay()
         else:  # simulated clock (tests): the same seeded delay stream, not slept
             spec = self.straggler.spec
@@ -269,9 +305,11 @@ def _actor_options(spec: ExperimentSpec) -> dict[str, Any]:
 
 
 class RayPool:
-    """One actor per worker; ``ray.put`` once per step, ``ray.wait`` for the first answers."""
+    """One actor per worker; ``ray.put`` once per step, ``ray.wait`` for the first answers.
+    ``delay_fn(round, worker)`` replaces the spec's straggler delays (benchmarks)."""
 
-    def __init__(self, spec: ExperimentSpec, layout: Layout) -> None:
+    def __init__(self, spec: ExperimentSpec, layout: Layout,
+                 delay_fn: Callable[[int, int], float] | None = None) -> None:
         import ray
 
         if not ray.is_initialized():
@@ -282,12 +320,18 @@ class RayPool:
         self.actors: list[Any] = [actor.remote(spec.resolved(), w, layout.sizes, layout.keep, wire)
                        for w in range(layout.n_workers)]
         ray.get([a.ready.remote() for a in self.actors])
+        self.delay_fn = delay_fn
+
+    def reconfigure(self, layout: Layout) -> None:
+        wire = str(layout.wire).removeprefix("torch.")
+        self.ray.get([a.configure.remote(layout.sizes, layout.keep, wire) for a in self.actors])
 
     def put(self, value: torch.Tensor) -> Any:
         return self.ray.put(value)
 
     def submit(self, worker: int, round: int, items: list[WorkItem], weights: list[Any]) -> Any:
-        return self.actors[worker].compute.remote(items, *weights)
+        delay = None if self.delay_fn is None else self.delay_fn(round, worker)
+        return self.actors[worker].compute.remote(items, *weights, delay_s=delay)
 
     def wait(self, handles: list[Any], num_returns: int, timeout: float | None) -> list[Any]:
         ready, _ = self.ray.wait(handles, num_returns=num_returns, timeout=timeout)
@@ -360,6 +404,7 @@ class StepRecord:
     step_s: float
     applied: int | None = None  # the job applied at the end of this round (sequential)
     decoded: list[int] = field(default_factory=list)
+    compute_s: float = 0.0  # median compute time of the messages counted (excludes injected delay)
 
 
 class ParameterServer:
@@ -437,8 +482,9 @@ class ParameterServer:
                                attack_generator(self.byz_spec, step))
             for w, row in zip(byz, fake, strict=True):
                 msgs[w] = row.to(arrived[w].dtype)
-        if lay.mode == "uncoded":
+        if lay.mode == "uncoded":  # the mean over the data that arrived (all of it unless told not to wait)
             full = torch.stack([msgs[w] for w in workers]).sum(0)
+            total = float(sum(lay.sizes[w] for w in workers))
         else:
             from algorithms.coding.decode import decode_gradient
 
@@ -450,16 +496,17 @@ class ParameterServer:
         t0 = pool.clock()
         ref = pool.put(self.flat_weights())
         handles = {pool.submit(w, step, self.layout.one_shot_items(w, step), [ref]): w for w in range(n)}
-        need = n - self.layout.stragglers if self.layout.mode == "one_shot" else n
+        need = n - self.layout.stragglers  # uncoded from a spec: s = 0, wait for all
         ready = pool.wait(list(handles), need, None)
         rest = [h for h in handles if h not in ready]
         if rest:  # whatever else is already there helps (more rows: smaller decoding weights)
             ready += pool.wait(rest, len(rest), 0.0)
         wait_s = pool.clock() - t0
-        arrived, extra = {}, {}
+        arrived, extra, compute = {}, {}, []
         for h in ready:
             outs, info = pool.get(h)
             arrived[handles[h]] = outs[0]
+            compute.append(info["compute_s"])
             if info["delay_s"] > 0:
                 extra[f"fault/delay_s/w{handles[h]}"] = info["delay_s"]
         t1 = pool.clock()
@@ -467,16 +514,19 @@ class ParameterServer:
         extra.update(more)
         decode_s = pool.clock() - t1
         self._apply(grad)
-        rec = StepRecord(step + 1, sorted(set(range(n)) - set(arrived)), wait_s, decode_s, pool.clock() - t0)
+        rec = StepRecord(step + 1, sorted(set(range(n)) - set(arrived)), wait_s, decode_s, pool.clock() - t0,
+                         compute_s=statistics.median(compute))
         self._log(rec, {"train/loss": loss, **extra}, step + 1)
         self.losses.append(loss)
         return rec
 
     # -- sequential rounds ------------------------------------------------------------------------
-    def _collect(self, r: int, handles: dict[Any, int], t0: float) -> list[tuple[int, list[torch.Tensor]]]:
+    def _collect(self, r: int, handles: dict[Any, int], t0: float
+                 ) -> list[tuple[int, list[torch.Tensor], dict[str, float]]]:
         """Wait as the scheme allows; return (worker, results) of those counted as on time."""
         code, pool = self.layout.code, self.pool
-        missing, got = set(handles.values()), []
+        missing = set(handles.values())
+        got: list[tuple[int, list[torch.Tensor], dict[str, float]]] = []
         first: float | None = None
         patient = True
         while missing:
@@ -485,7 +535,7 @@ class ParameterServer:
                 timeout = max(0.0, first * (1 + self.layout.patience) - (pool.clock() - t0))
             ready = pool.wait([h for h, w in handles.items() if w in missing], 1, timeout)
             for h in ready:
-                got.append((handles[h], pool.get(h)[0]))
+                got.append((handles[h], *pool.get(h)))
                 missing.discard(handles[h])
             if first is None:
                 first = pool.clock() - t0
@@ -511,10 +561,10 @@ class ParameterServer:
                 handles[pool.submit(w, r, items, [state["weights"][t.job] for t in plan[w]])] = w
         got = self._collect(r, handles, t0)
         wait_s = pool.clock() - t0
-        for w, outs in got:
+        for w, outs, _ in got:
             for slot, g in enumerate(outs):
                 state["results"].setdefault(plan[w][slot].job, {})[(r, w, slot)] = g
-        alive = {w for w, _ in got} | {w for w in range(self.n) if not plan[w]}
+        alive = {w for w, _, _ in got} | {w for w in range(self.n) if not plan[w]}
         t1 = pool.clock()
         decoded = code.complete(r, sorted(alive))
         for j in decoded:
@@ -534,14 +584,16 @@ class ParameterServer:
             applied = due
             self.losses.append(loss)
         rec = StepRecord(r + 1, sorted(set(range(self.n)) - alive), wait_s, decode_s, pool.clock() - t0,
-                         applied=applied, decoded=decoded)
+                         applied=applied, decoded=decoded,
+                         compute_s=statistics.median([i["compute_s"] for _, _, i in got]) if got else 0.0)
         self._log(rec, {}, r + 1, train_step=None if applied is None else applied + 1)
         return rec
 
     # -- logging -----------------------------------------------------------------------------------
     def _log(self, rec: StepRecord, extra: dict[str, float], step: int, train_step: int | None = -1) -> None:
         m = {"ps/wait_s": rec.wait_s, "ps/decode_s": rec.decode_s, "ps/num_late": float(len(rec.late)),
-             "perf/step_time_s": rec.step_s, **{f"ps/late/w{w}": 1.0 for w in rec.late}}
+             "perf/step_time_s": rec.step_s, "ps/compute_s": rec.compute_s,
+             **{f"ps/late/w{w}": 1.0 for w in rec.late}}
         self.records.append(rec)
         if train_step == -1:  # one-shot: everything at the optimizer step
             m.update(extra)
