@@ -222,12 +222,26 @@ class DeepSpeedModel:
             state = self.engine._zero3_consolidated_16bit_state_dict()
             if self.rank != 0:
                 return module
-            from workers.tasks import build_task
-
-            fresh = build_task(self.spec).build_model()
-            dtype = next(iter(state.values())).dtype if state else torch.float32
-            fresh.to(dtype=dtype).load_state_dict(state)
-            module = fresh.to(self.device)
+            module = _assemble(self.spec, state, buffers=dict(module.named_buffers())).to(self.device)
         if self.spec.task.kind == "image_classification" and deepspeed_precision(self.spec) is not None:
             module = module.float()  # float inputs: evaluate in fp32
         return module
+
+
+def _assemble(spec: ExperimentSpec, state: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> nn.Module:
+    """A model skeleton built on the meta device (no second copy of the weights in host memory),
+    given the gathered tensors; non-persistent buffers (rotary tables) come from the engine's module."""
+    from workers.tasks import build_task
+
+    with torch.device("meta"):
+        fresh = build_task(spec).build_model()
+    fresh.load_state_dict(state, assign=True)
+    for name, buf in buffers.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = fresh.get_submodule(owner_name)
+        if owner._buffers.get(leaf) is not None and owner._buffers[leaf].is_meta:  # type: ignore[union-attr]
+            owner._buffers[leaf] = buf.detach().to("cpu").clone()
+    missing = [n for n, t in [*fresh.named_parameters(), *fresh.named_buffers()] if t.is_meta]
+    if missing:
+        raise RuntimeError(f"consolidated model lacks {missing[:5]}")
+    return fresh
