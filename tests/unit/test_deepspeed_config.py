@@ -372,7 +372,7 @@ def test_closure_optimizer_gets_the_loop_closure(process_group) -> None:  # type
                 total += loss.detach()
             return total
 
-        opt.step(closure)
+        opt.step(closure)  # type: ignore[arg-type]
     got = run.weights()
     for name, want in ref.state_dict().items():
         torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-6, msg=name)
