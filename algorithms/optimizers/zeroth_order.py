@@ -52,6 +52,7 @@ class ZerothOrderSAM(torch.optim.Optimizer):
         self.partitioned = False
         self.partition_group: Any = None
         self._keys: dict[torch.Tensor, int] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 self._keys.setdefault(p, len(self._keys))
@@ -71,8 +72,12 @@ class ZerothOrderSAM(torch.optim.Optimizer):
 
     # ---- the shared step -------------------------------------------------------------------------
     def _generator(self, p: torch.Tensor, step: int, j: int) -> torch.Generator:
+        """One generator per device, reseeded for every (step, parameter, direction): use it at once."""
         seed = (((self.zo_seed * 1_000_003 + step) * 10_007 + j) * 1_000_033 + self._keys[p]) % (2**62)
-        return torch.Generator(device=p.device).manual_seed(seed)
+        gen = self._generators.get(p.device)
+        if gen is None:
+            gen = self._generators[p.device] = torch.Generator(device=p.device)
+        return gen.manual_seed(seed)
 
     def _mean_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
@@ -90,7 +95,7 @@ class ZerothOrderSAM(torch.optim.Optimizer):
         """Steps 1-2: returns (loss estimate at theta, the perturbation eps in each target's coords)."""
         mu, rho, n = self.defaults["mu"], self.defaults["rho"], self.defaults["n_directions"]
         est: list[torch.Tensor] = []
-        loss = torch.zeros(())
+        loss = torch.zeros((), dtype=torch.float64, device=targets[0].param.device)
         for j in range(n):
             dirs = [torch.randn(t.shape, generator=self._generator(t.param, step, j), device=t.param.device,
                                 dtype=t.param.dtype) for t in targets]
@@ -102,7 +107,7 @@ class ZerothOrderSAM(torch.optim.Optimizer):
             f_minus = self._forward(closure)
             for t, d in zip(targets, dirs, strict=True):
                 t.apply_(d, mu)
-            loss = loss.to(f_plus.device) + (f_plus + f_minus) / (2 * n)
+            loss = loss + (f_plus + f_minus).to(loss.device) / (2 * n)
             c = (f_plus - f_minus) / (2 * mu * n)
             if j == 0:
                 est = dirs
