@@ -21,11 +21,15 @@ proxy data as ``data`` with ``data_free=True``; with no data at all, standard-no
 ``input_shape`` stand in (inferred for an MLP whose first weight layer is a Linear).
 
 Covered: ``nn.Sequential`` stacks of Linear/Conv2d with unit-wise operations between them (the
-digits MLP and CNN). Not covered: normalisation layers, residual blocks, attention.
+digits MLP and CNN), and decoder-only transformers of the Llama family (``pleas_transformer``:
+residual stream, attention heads and MLP units matched block by block). PEFT adapter models are
+merged as their dense equivalents (base + adapter delta). Not covered: normalisation layers and
+residual blocks in ``nn.Sequential`` models, other transformer layouts.
 """
 
 import copy
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,6 +48,7 @@ from algorithms.merging.pleas_chain import (
 )
 from algorithms.merging.pleas_lstsq import design_rows, solve_grouped, target_rows
 from algorithms.merging.pleas_match import UnitMatch, match_units
+from algorithms.merging.pleas_transformer import is_llama_like, merge_llama_like
 
 
 class PleasMerger:
@@ -64,6 +69,7 @@ class PleasMerger:
         self.input_shape = None if input_shape is None else list(input_shape)
         self.noise_samples, self.seed = noise_samples, seed
         self.matches_: list[UnitMatch] = []
+        self.named_matches_: dict[str, UnitMatch] = {}  # transformers: by block
         self.layer_errors_: list[float] = []  # relative squared error of each layer's fit
 
     def merge(
@@ -74,6 +80,8 @@ class PleasMerger:
             raise ValueError(f"pleas: merges exactly 2 models, got {len(models)}")
         check_compatible(models)
         a, b = models
+        if is_llama_like(a):
+            return self._merge_transformer(a, b, data)
         chain_a, chain_b = parse_chain(a), parse_chain(b)
         if [type(m) for m in chain_a.leaves] != [type(m) for m in chain_b.leaves]:
             raise ValueError("pleas: the two models have different layer types")
@@ -118,6 +126,22 @@ class PleasMerger:
             new = _new_layer(layer, len(in_groups), m_out.width, w, bias)
             replace_leaf(merged, chain_m.names[chain_m.weight_idx[j]], new)
             chain_m.leaves[chain_m.weight_idx[j]] = new
+        return merged
+
+    def _merge_transformer(self, a: nn.Module, b: nn.Module, data: Iterable[Batch] | None) -> nn.Module:
+        if self.propagate:
+            raise ValueError("pleas: propagate=True is not supported for transformer models")
+        if data is None:
+            if not self.data_free:
+                raise ValueError("pleas: needs data to match units and fit the layers (or data_free=True)")
+            seq = self.input_shape[-1] if self.input_shape else 32
+            gen = torch.Generator().manual_seed(self.seed)
+            cfg: Any = a.config
+            vocab = int(cfg.vocab_size)
+            ids = torch.randint(0, vocab, (self.noise_samples, seq), generator=gen)
+            data = list(ids.to(next(a.parameters()).device).split(32))
+        merged, named, errors = merge_llama_like(a, b, data, target_width=self.target_width, ridge=self.ridge)
+        self.matches_, self.named_matches_, self.layer_errors_ = [], named, list(errors.values())
         return merged
 
     def _inputs(self, chain: Chain, data: Iterable[Batch] | None) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Small models shared by the merging tests."""
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,3 +55,62 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], at
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0.0 if atol == 0.0 else 1e-6, msg=k)
+
+
+def tiny_llama(seed: int = 0, intermediate: int = 24, kv_heads: int = 2) -> nn.Module:
+    """A Llama-family causal LM from a config (no download): hidden 16, 4 heads, 2 layers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=kv_heads, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # non-trivial norm weights, so that folding them is exercised
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def permuted_llama(model: nn.Module, seed: int = 1) -> nn.Module:
+    """The same function with every symmetry PLeaS matches permuted at random: the residual
+    stream, each MLP's intermediate units, each attention block's key/value heads (with their query
+    heads) and each head's value dimensions."""
+    gen = torch.Generator().manual_seed(seed)
+    out: Any = copy.deepcopy(model)
+    cfg = out.config
+    d, inter = cfg.hidden_size, cfg.intermediate_size
+    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd, rep = d // n_heads, n_heads // n_kv
+    p = torch.randperm(d, generator=gen)
+    with torch.no_grad():
+        emb = out.model.embed_tokens.weight
+        emb.copy_(emb[:, p])
+        out.model.norm.weight.copy_(out.model.norm.weight[p])
+        out.lm_head.weight.copy_(out.lm_head.weight[:, p])
+        for layer in out.model.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight.copy_(norm.weight[p])
+            for lin in (att.q_proj, att.k_proj, att.v_proj, mlp.gate_proj, mlp.up_proj):
+                lin.weight.copy_(lin.weight[:, p])
+            for lin in (att.o_proj, mlp.down_proj):
+                lin.weight.copy_(lin.weight[p])
+            q = torch.randperm(inter, generator=gen)
+            mlp.gate_proj.weight.copy_(mlp.gate_proj.weight[q])
+            mlp.up_proj.weight.copy_(mlp.up_proj.weight[q])
+            mlp.down_proj.weight.copy_(mlp.down_proj.weight[:, q])
+            sigma = torch.randperm(n_kv, generator=gen)
+            pis = [torch.randperm(hd, generator=gen) for _ in range(n_kv)]
+            heads = [(int(sigma[g]) * rep + r) * hd for g in range(n_kv) for r in range(rep)]
+            q_rows = torch.cat([h + torch.arange(hd) for h in heads])
+            k_rows = torch.cat([int(sigma[g]) * hd + torch.arange(hd) for g in range(n_kv)])
+            v_rows = torch.cat([int(sigma[g]) * hd + pis[g] for g in range(n_kv)])
+            o_cols = torch.cat([(int(sigma[g]) * rep + r) * hd + pis[g] for g in range(n_kv) for r in range(rep)])
+            att.q_proj.weight.copy_(att.q_proj.weight[q_rows])
+            att.k_proj.weight.copy_(att.k_proj.weight[k_rows])
+            att.v_proj.weight.copy_(att.v_proj.weight[v_rows])
+            att.o_proj.weight.copy_(att.o_proj.weight[:, o_cols])
+    return out  # type: ignore[no-any-return]

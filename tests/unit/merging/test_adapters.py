@@ -88,3 +88,19 @@ def test_adapters_on_different_bases_need_an_explicit_base() -> None:
         build("task_arithmetic").merge([a, b])
     with pytest.raises(ValueError, match="every input"):
         build("average").merge([a, _base()])
+
+
+def test_pleas_on_adapter_models_merges_their_dense_equivalents() -> None:
+    """PLeaS sees base + delta of each adapter; an adapter merged with its twin gives it back."""
+    base = _base()
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    a = _adapted(base, 1).eval()
+    ids = torch.randint(0, 32, (8, 16))
+    merged = build("pleas", ridge=0.0).merge([a, copy.deepcopy(a)], data=[ids])
+    assert not hasattr(merged, "peft_config")
+    new = torch.randint(0, 32, (3, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=new).logits, a(input_ids=new).logits, atol=2e-5, rtol=1e-5)
