@@ -1,0 +1,258 @@
+"""Aggregation time on one GPU: every rule at n = 16 workers, d = 25M and 100M coordinates.
+
+Times ``rule(grads[n, d])`` (fp32, on the device, synchronised) for every rule of
+``algorithms.aggregation`` (f = 3), plus ``flag`` with one IRLS iteration as the authors' code does.
+
+``--ref-path DIR`` also times the Flag authors' reference implementation
+(github.com/hamidralmasi/FlagAggregator, a checkout outside the repo) on the same gradients, side by
+side, and the cosine between its aggregate and ours (one IRLS iteration, same r). It needs only
+torch and numpy: the checkout's ``aggregators/flag.py`` and ``aggregators/center_algorithms*.py``
+are loaded as they are, with three shims applied from outside (their code is not modified): a
+stand-in for the package ``__init__`` (which imports their whole framework), a stub ``pandas`` if
+it is not installed (imported, unused), and an ``open`` that discards the CSV rows the reference
+appends to fixed paths under /home/data. Its cost includes what the reference does on every call:
+a random ``d x r`` start drawn on the CPU, a QR of it, an SVD of the ``d x n`` weighted matrix.
+
+Launched with ``torchrun --nproc_per_node 2`` (two GPUs), it first times the collectives of the
+same sizes: the ``all_reduce`` a plain mean needs, the all-to-all + all-gather of the shard
+exchange (``workers/exchange.py``'s robust reduce-scatter) and the all-gather of the gather
+exchange; then rank 0 times the rules. Run alone, it says that the collectives were not measured.
+
+    python bench/gpu_aggregation.py --ref-path .ref/FlagAggregator
+    torchrun --nproc_per_node 2 bench/gpu_aggregation.py --ref-path .ref/FlagAggregator
+    python bench/gpu_aggregation.py --quick --device cpu [--ref-path ...]   # a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import os
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from algorithms.aggregation.registry import build  # noqa: E402
+
+RULES: list[tuple[str, dict[str, Any]]] = [
+    ("mean", {}), ("median", {"f": 3}), ("trimmed_mean", {"f": 3}), ("krum", {"f": 3}),
+    ("multi_krum", {"f": 3}), ("bulyan", {"f": 3}), ("geometric_median", {"f": 3}),
+    ("flag", {"f": 3}), ("flag", {"f": 3, "max_iter": 1}),
+]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 1) -> tuple[float, Any]:
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000.0, out
+
+
+def grads(n: int, d: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(n, d, generator=g, device=device)
+    x.add_(torch.randn(1, d, generator=g, device=device))  # a shared direction, as real gradients have
+    return x
+
+
+# --- the reference implementation, loaded from a checkout ---------------------------------------
+@contextlib.contextmanager
+def _quiet_open() -> Iterator[Callable[..., Any]]:
+    def fake_open(path: Any, mode: str = "r", *a: Any, **k: Any) -> Any:
+        if "home/data" in str(path):
+            return io.StringIO()
+        return open(path, mode, *a, **k)
+
+    yield fake_open
+
+
+def load_reference(path: Path) -> Callable[..., torch.Tensor]:
+    """The authors' ``aggregators/flag.py:aggregate``, loaded from ``path`` with outside shims."""
+    agg_dir = path / "aggregators"
+    if not (agg_dir / "flag.py").exists():
+        raise SystemExit(f"--ref-path {path}: no aggregators/flag.py (clone hamidralmasi/FlagAggregator there)")
+    pkg = types.ModuleType("flagref")
+    pkg.__path__ = [str(agg_dir)]
+    pkg.register = lambda *a, **k: None  # type: ignore[attr-defined]
+    sys.modules["flagref"] = pkg
+    if importlib.util.find_spec("pandas") is None:
+        sys.modules["pandas"] = types.ModuleType("pandas")
+    with _quiet_open() as fake_open:
+        mods = {}
+        for name in ("center_algorithms", "center_algorithms_torch", "flag"):
+            spec = importlib.util.spec_from_file_location(f"flagref.{name}", agg_dir / f"{name}.py")
+            assert spec is not None and spec.loader is not None
+            mod = importlib.util.module_from_spec(spec)
+            mod.open = fake_open  # type: ignore[attr-defined]
+            sys.modules[f"flagref.{name}"] = mod
+            setattr(pkg, name, mod)
+            spec.loader.exec_module(mod)
+            mods[name] = mod
+    return mods["flag"].aggregate  # type: ignore[no-any-return]
+
+
+# --- collectives under torchrun -----------------------------------------------------------------
+def bench_collectives(sizes: list[int], device: torch.device, reps: int) -> list[str]:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    lines = [f"\n### Collectives on {world} x {device_name(device)} (fp32, median of {reps})\n",
+             "| d | all_reduce (mean) ms | all_to_all + all_gather (shard exchange) ms | "
+             "all_gather (gather exchange) ms |", "|---|---|---|---|"]
+    for d in sizes:
+        lines.append(_collective_row(d, world, device, reps))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return lines if rank == 0 else []
+
+
+def _collective_row(d: int, world: int, device: torch.device, reps: int) -> str:
+    d_pad = -(-d // world) * world
+    x = torch.randn(d_pad, device=device)
+    recv = torch.empty_like(x)
+    out_gather = torch.empty(world * d_pad, device=device)
+    shard = torch.empty(d_pad // world, device=device)
+    full = torch.empty(d_pad, device=device)
+
+    def all_reduce() -> None:
+        dist.all_reduce(x)
+
+    def shard_exchange() -> None:
+        dist.all_to_all_single(recv, x)
+        dist.all_gather_into_tensor(full, shard)
+
+    def gather_exchange() -> None:
+        dist.all_gather_into_tensor(out_gather, x)
+
+    row = [f"{d / 1e6:g}M"]
+    for fn in (all_reduce, shard_exchange, gather_exchange):
+        dist.barrier()
+        ms, _ = timed(fn, device, reps, warmup=2)
+        t = torch.tensor([ms], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        row.append(f"{float(t):.2f}")
+    return "| " + " | ".join(row) + " |"
+
+
+def _rules_for_size(x: torch.Tensor, f: int, reps: int, ref_reps: int,
+                    reference: Callable[..., torch.Tensor] | None) -> tuple[dict[str, str], list[str]]:
+    n, d = x.shape
+    cells: dict[str, str] = {}
+    notes: list[str] = []
+    ours_flag1 = None
+    for name, params in RULES:
+        label = name + (f" (max_iter={params['max_iter']})" if "max_iter" in params else "")
+        rule = build(name, **params)
+        try:
+            ms, out = timed(lambda rule=rule: rule(x), x.device, reps)  # type: ignore[misc]
+            cells[label] = f"{ms:.1f}"
+            if label == "flag (max_iter=1)":
+                ours_flag1 = out
+        except torch.cuda.OutOfMemoryError:
+            cells[label] = "OOM"
+        print(f"  d={d}: {label} {cells[label]} ms", flush=True)
+    if reference is not None:
+        label = "flag, authors' reference (1 IRLS iteration)"
+        rows_list = list(x.unbind(0))
+        try:
+            ms, out = timed(lambda: reference(gradients=rows_list, r_col=n - f), x.device, ref_reps)
+            cells[label] = f"{ms:.1f}"
+            if ours_flag1 is not None:
+                ref = out.reshape(-1).to(ours_flag1.device, torch.float64)
+                cos = float(torch.nn.functional.cosine_similarity(ref, ours_flag1.double(), dim=0))
+                rel = float((ref.norm() - ours_flag1.double().norm()).abs() / ref.norm())
+                notes.append(f"d = {d / 1e6:g}M: cosine(reference, ours with max_iter=1) = {cos:.6f}, "
+                             f"relative norm difference {rel:.1e}")
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+            cells[label] = f"failed: {type(exc).__name__}"
+            notes.append(f"d = {d / 1e6:g}M: reference {exc!s:.200}")
+        print(f"  d={d}: {label} {cells[label]} ms", flush=True)
+    return cells, notes
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--sizes", type=float, nargs="+", default=[25e6, 100e6])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--ref-reps", type=int, default=2)
+    ap.add_argument("--ref-path", type=Path, default=None)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU smoke test")
+    args = ap.parse_args()
+    if args.quick:
+        args.sizes, args.reps, args.ref_reps = [2e4, 1e5], 2, 1
+    sizes = [int(s) for s in args.sizes]
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 16)) if args.device != "cpu" else 1)
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    lines: list[str] = []
+    if world > 1:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device(f"cuda:{local}") if args.device == "cuda" else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        lines += bench_collectives(sizes, device, args.reps)
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return
+    else:
+        device = torch.device(args.device)
+        lines.append("\nCollectives: not measured (one process; launch with "
+                     "`torchrun --nproc_per_node 2 bench/gpu_aggregation.py ...` on 2 GPUs for the all_reduce "
+                     "of the same size).")
+    reference = load_reference(args.ref_path) if args.ref_path else None
+
+    n, f = args.n, 3
+    header = f"\n### Aggregation of n = {n} gradients on {device_name(device)} (fp32, f = {f}, median of {args.reps})\n"
+    rows = ["| rule | " + " | ".join(f"d = {d / 1e6:g}M ms" for d in sizes) + " |",
+            "|---" * (len(sizes) + 1) + "|"]
+    results: dict[str, list[str]] = {}
+    notes: list[str] = []
+    for d in sizes:
+        x = grads(n, d, device)
+        cells, size_notes = _rules_for_size(x, f, args.reps, args.ref_reps, reference)
+        for label, cell in cells.items():
+            results.setdefault(label, []).append(cell)
+        notes += size_notes
+        del x
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for label, per_size in results.items():
+        rows.append(f"| {label} | " + " | ".join(per_size) + " |")
+    print("".join(lines[:1]) + "\n".join(lines[1:]) if lines else "")
+    print(header + "\n".join(rows))
+    for note in notes:
+        print(f"\n{note}")
+
+
+if __name__ == "__main__":
+    main()
