@@ -6,6 +6,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from algorithms.coding import build, build_from_config, decode_gradient
 from algorithms.coding.base import UndecodableError
@@ -113,3 +115,33 @@ def test_build_from_config_and_delay() -> None:
 def test_config_does_not_import_torch() -> None:
     code = "import sys, algorithms.coding.config; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(13, 48), data=st.data())
+def test_random_survivor_sets_decode_for_larger_n(n: int, data) -> None:  # type: ignore[no-untyped-def]
+    """Beyond the exhaustive n <= 12: random s and random survivor sets, decoded gradients exact
+    to float64 rounding times the conditioning (messages in float64, as the server sends them)."""
+    s = data.draw(st.integers(1, min(6, n - 1)))
+    missing = data.draw(st.lists(st.integers(0, n - 1), min_size=s, max_size=s, unique=True))
+    alive = [w for w in range(n) if w not in missing]
+    schemes = ["cyclic_repetition"] + (["fractional_repetition"] if n % (s + 1) == 0 else [])
+    gen = torch.Generator().manual_seed(n * 100 + s)
+    parts = torch.randn(n, 30, generator=gen, dtype=torch.float64)
+    for scheme in schemes:
+        code = build(scheme, n, s)
+        a = code.decode(alive)
+        assert torch.all(a[missing] == 0)
+        assert float((a @ code.B - 1).abs().max()) < 1e-7
+        coded = code.B @ parts
+        full = decode_gradient(code, {w: coded[w] for w in alive})
+        torch.testing.assert_close(full, parts.sum(0), atol=1e-8, rtol=1e-8)
+
+
+def test_unit_weights_tells_which_codes_need_float64() -> None:
+    from algorithms.coding.decode import unit_weights
+
+    assert unit_weights(build("fractional_repetition", 6, 1))
+    assert not unit_weights(build("cyclic_repetition", 7, 2))
+    assert unit_weights(build("multiplexed_sgc", 8, 1, burst=1, window=2))  # FR inside (2 | 8)
+    assert not unit_weights(build("sequential_gc", 7, 2, burst=1, window=2))  # s = 1: cyclic, 2 !| 7

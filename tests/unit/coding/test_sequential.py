@@ -121,3 +121,21 @@ def test_load_below_plain_gc(n: int, lam: int, burst: int, window: int) -> None:
             assert code.load < gc_load
             expected = (lam + 1) * (window - 1 + burst) / (n * (burst + (window - 1) * (lam + 1)))
             assert code.load == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_released_jobs_are_forgotten(scheme: str) -> None:
+    """A long run keeps only the jobs still inside their deadline window."""
+    n, lam, burst, window = 6, 2, 1, 3
+    code = build(scheme, n, lam, burst=burst, window=window)
+    pattern = bursty_pattern(n, 60, burst, window, lam, seed=1)
+    for r in range(60):
+        code.assign(r)
+        code.complete(r, [w for w in range(n) if w not in pattern[r]])
+        due = r - code.delay
+        if due >= 0:
+            assert code.decodable(due)
+            code.release(due)
+    assert len(code._received) <= code.delay + 1 and len(code._assigned) <= 1
+    with pytest.raises(ValueError, match="before its deadline"):
+        code.release(59)
