@@ -7,8 +7,9 @@ Inputs (and ``merge.base``) are given as
 - a local folder (a model folder as ``workers.model_io.save_final_model`` writes it, or a run's
   downloaded artifact root holding ``model/``).
 A finished run's model folder has ``state_dict.pt`` and ``spec.json`` (the spec that rebuilds it)
-and, for a PEFT run, ``adapter/`` (peft format): such an input is loaded as a peft model, and the
-mergers merge its adapter deltas.
+and, for a PEFT run, ``adapter/`` (peft format): such an input is loaded as a peft model on its
+rebuilt base, and the mergers merge its adapter deltas; ``merge.base: adapters`` then takes the
+shared frozen base as the base of task arithmetic, TIES and aTLAS.
 
 The merged model and every input are evaluated on ``task.dataset`` (the inputs' task with the
 merge spec's dataset), and so is their ensemble (mean of the outputs); the merged model is logged
@@ -26,8 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from algorithms.merging.adapters import fold_adapter, is_adapter_model
 from algorithms.merging.atlas import AtlasMerger
-from algorithms.merging.config import MergeData
+from algorithms.merging.config import ADAPTER_BASE, MergeData
 from algorithms.merging.registry import build
 from service.spec import ExperimentSpec
 from workers.mlflow_log import RunLogger
@@ -46,6 +48,7 @@ def resolve_folder(ref: str, tracking_uri: str, dest: str) -> str:
     """A local model folder (with spec.json) for one input reference."""
     if os.path.exists(ref):
         return _model_folder(ref, ref)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow.artifacts
 
     if "://" in ref or ref.startswith(("runs:/", "models:/")):
@@ -89,19 +92,50 @@ def _model_folder(path: str, ref: str) -> str:
 
 
 def load_model(folder: str) -> tuple[nn.Module, ExperimentSpec]:
-    """The model saved in ``folder`` and the spec that built it (a peft model if it has an adapter)."""
+    """The model saved in ``folder`` and the spec that built it.
+
+    ``state_dict.pt`` always holds the plain architecture (a PEFT run's adapter merged in). When
+    the folder also has a peft adapter (``adapter/adapter_config.json``), the model is returned as
+    a peft model on its rebuilt base instead (the base the run started from: the same seed, task
+    and model), so that the mergers merge the adapter deltas and know the shared base; if that
+    does not reproduce the saved weights (a method that also changed the base), the plain model
+    is used."""
     with open(os.path.join(folder, "spec.json")) as fh:
         spec = ExperimentSpec.model_validate(json.load(fh))
     model = build_task(spec).build_model()
-    adapter = os.path.join(folder, "adapter")
-    if os.path.isdir(adapter):
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
     state = torch.load(os.path.join(folder, "state_dict.pt"), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     model.eval()
+    adapter = os.path.join(folder, "adapter")
+    if spec.peft is not None and os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        adapted = _adapter_model(spec, adapter)
+        if adapted is not None and _same_weights(fold_adapter(adapted), state):
+            return adapted, spec
+        print(f"[orchestra] {folder}: the adapter does not reproduce the saved model; merging full weights",
+              flush=True)
     return model, spec
+
+
+def _adapter_model(spec: ExperimentSpec, adapter: str) -> nn.Module | None:
+    from peft import PeftModel
+
+    if spec.train is not None:
+        torch.manual_seed(spec.train.seed)  # as the training loop did before building the model
+    base = build_task(spec).build_model()
+    try:
+        model = PeftModel.from_pretrained(base, adapter)
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"[orchestra] adapter {adapter} not loaded: {exc}", flush=True)
+        return None
+    model.eval()
+    return model
+
+
+def _same_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    own = model.state_dict()
+    if own.keys() != state.keys():
+        return False
+    return all(torch.allclose(own[k].float(), v.float(), rtol=1e-4, atol=1e-5) for k, v in state.items())
 
 
 # ---- specs of the evaluation and of the merged model --------------------------------------------
@@ -182,14 +216,19 @@ def run_merge(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_
     logger.log_spec(spec.resolved())
     device = device_for(spec)
     with tempfile.TemporaryDirectory() as tmp:
-        refs = list(cfg.inputs) + ([cfg.base] if cfg.base else [])
+        own_base = cfg.base is not None and cfg.base != ADAPTER_BASE
+        refs = list(cfg.inputs) + ([cfg.base] if own_base and cfg.base else [])
         loaded = []
         for i, ref in enumerate(refs):
             folder = resolve_folder(ref, mlflow_uri, os.path.join(tmp, str(i)))
             loaded.append(load_model(folder))
             print(f"[orchestra] merge input {i}: {ref} ({loaded[-1][1].task.model})", flush=True)
     models = [m.to(device) for m, _ in loaded[: len(cfg.inputs)]]
-    base = loaded[-1][0].to(device) if cfg.base else None
+    base = loaded[-1][0].to(device) if own_base else None
+    if cfg.base == ADAPTER_BASE:
+        plain = [i for i, m in enumerate(models) if not is_adapter_model(m)]
+        if plain:
+            raise ValueError(f"merge.base: {ADAPTER_BASE!r} needs PEFT adapter runs; input {plain[0]} is not one")
     spec_eval = eval_spec(spec, loaded[0][1])
     task = build_task(spec_eval)
     max_batches = spec_eval.train.eval_batches if spec_eval.train is not None else 8

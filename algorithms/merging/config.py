@@ -17,6 +17,10 @@ from algorithms._config import StrictModel
 _NOT_HPARAMS = frozenset({"method", "inputs", "base", "data"})
 
 
+# ``merge.base`` value: the inputs are PEFT adapter runs; the base is the frozen model under them.
+ADAPTER_BASE = "adapters"
+
+
 class MergeData(StrictModel):
     """The batches a merger sees (PLeaS's activations, aTLAS's coefficient fit): drawn from the
     training split of the spec's ``task.dataset``."""
@@ -31,7 +35,11 @@ class MergeBase(StrictModel):
     inputs: list[str] = Field(
         min_length=2, description="run ids, MLflow model URIs (runs:/, models:/) or local paths"
     )
-    base: str | None = Field(default=None, description="the model the inputs were fine-tuned from")
+    base: str | None = Field(
+        default=None,
+        description="the model the inputs were fine-tuned from (a reference like the inputs), or "
+        f"{ADAPTER_BASE!r} when the inputs are PEFT adapter runs: the shared base under their adapters",
+    )
     data: MergeData | None = Field(
         default=None,
         description="data given to the merger; None: the defaults when the method needs data, else none",

@@ -85,6 +85,76 @@ def test_worker_resolves_every_kind_of_input_and_logs_the_merge(tmp_path: Path) 
         run_merge(ExperimentSpec.model_validate(bad), run_id="m3", mlflow_uri=uri, mlflow_run_id="")
 
 
+class _FolderLogger:
+    """Stands in for RunLogger: artifacts go to a local folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def artifacts(self, local_dir: str, artifact_path: str) -> None:
+        import shutil
+
+        shutil.copytree(local_dir, self.root / artifact_path)
+
+    def metrics(self, values: dict, step: int) -> None:  # type: ignore[type-arg]
+        pass
+
+
+def _peft_run(root: Path, lr: float) -> Path:
+    """A LoRA run of a tiny Llama, trained and saved as the training loop does."""
+    from service.spec import ExperimentSpec
+    from workers.model_io import save_final_model
+    from workers.peft_hooks import apply_peft
+    from workers.tasks import build_task
+
+    spec = ExperimentSpec.model_validate({
+        "name": "lora", "task": {"kind": "causal_lm", "dataset": {"name": "char_corpus", "seq_len": 16},
+                                 "model": {"name": "llama", "hidden": 16, "layers": 1, "heads": 2,
+                                           "intermediate": 32}},
+        "train": {"max_steps": 5, "batch_size": 4, "seed": 3}, "optimizer": {"name": "adamw", "lr": lr},
+        "peft": {"name": "lora", "r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+    })  # fmt: skip
+    torch.manual_seed(spec.train.seed)  # type: ignore[union-attr]
+    task = build_task(spec)
+    model, handle = apply_peft(spec, task.build_model(), task)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    batches = task.batches(rank=0, world=1, batch_size=4, seed=0)
+    for _ in range(5):
+        opt.zero_grad()
+        task.loss(model, next(batches)).backward()
+        opt.step()
+    save_final_model(_FolderLogger(root), spec, model, handle)
+    return root / "model"
+
+
+def test_worker_merges_lora_runs_by_their_adapter_deltas(tmp_path: Path) -> None:
+    """Two LoRA runs on one base: task arithmetic with no merge.base adds both adapter deltas to the
+    shared base, which the worker rebuilds from the runs' spec."""
+    from service.spec import ExperimentSpec
+    from workers.merge_job import load_model, run_merge
+
+    torch.set_num_threads(1)
+    folders = [_peft_run(tmp_path / "a", 0.05), _peft_run(tmp_path / "b", 0.02)]
+    dense = [torch.load(f / "state_dict.pt", weights_only=True) for f in folders]
+    loaded, _ = load_model(str(folders[0]))
+    assert hasattr(loaded, "peft_config")  # taken as an adapter on its base
+    base = loaded.unload().state_dict()  # type: ignore[operator]
+    assert any(not torch.equal(dense[0][k], base[k]) for k in base)
+
+    spec = {"name": "m", "task": {"kind": "merge", "dataset": {"name": "char_corpus", "seq_len": 16}},
+            "merge": {"method": "task_arithmetic", "inputs": [str(f) for f in folders], "base": "adapters"}}
+    metrics = run_merge(ExperimentSpec.model_validate(spec), run_id="m", mlflow_uri="", mlflow_run_id="")
+    assert {"eval/loss", "inputs/0/eval/loss", "inputs/1/eval/loss"} <= metrics.keys()
+    with torch.no_grad():
+        from algorithms.merging.registry import build
+
+        a, _ = load_model(str(folders[0]))
+        b, _ = load_model(str(folders[1]))
+        merged = build("task_arithmetic").merge([a, b]).state_dict()
+    for k, w0 in base.items():
+        torch.testing.assert_close(merged[k], dense[0][k] + dense[1][k] - w0, atol=1e-5, rtol=1e-5, msg=k)
+
+
 # ---- through the API, on Ray ------------------------------------------------------------------------
 
 
