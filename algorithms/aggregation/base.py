@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 DEFAULT_CHUNK = 1 << 22  # coordinates per block when a rule runs over a whole tensor
+GRAM_SPLIT = 1 << 14  # coordinates per partial product inside one Gram matrix
 
 
 @dataclass
@@ -62,8 +63,20 @@ def gram(block: Tensor, centered: bool) -> Tensor:
     x = block if block.dtype == torch.float64 else block.float()
     if centered:
         x = x - x.mean(dim=0, keepdim=True)
+    n, length = x.shape
+    whole = length // GRAM_SPLIT * GRAM_SPLIT
+    g = torch.zeros(n, n, dtype=torch.float64, device=x.device)
     with _Fp32Matmul():
-        return (x @ x.T).double()
+        if whole:
+            # One n x n product over millions of coordinates gives a GEMM with almost no parallel
+            # work (a 16 x 16 output); a batch of products over GRAM_SPLIT-long pieces has plenty
+            # (no copy: the pieces are views), and their sum is taken in float64.
+            parts = x[:, :whole].reshape(n, whole // GRAM_SPLIT, GRAM_SPLIT).transpose(0, 1)
+            g += torch.bmm(parts, parts.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
+        if whole < length:
+            rest = x[:, whole:]
+            g += (rest @ rest.T).double()
+    return g
 
 
 def distances_from_gram(g: Tensor) -> Tensor:
