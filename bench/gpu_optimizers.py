@@ -80,8 +80,9 @@ def build_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Modu
                               num_key_value_heads=args.heads, max_position_embeddings=args.seq,
                               tie_word_embeddings=False, attn_implementation="sdpa")
     torch.manual_seed(0)
-    model: Any = LlamaForCausalLM(LlamaConfig(**kw))
-    return model.to(device)  # type: ignore[no-any-return]
+    with device:  # built in place (on the GPU: no CPU init and copy; on "meta": no memory at all)
+        model: Any = LlamaForCausalLM(LlamaConfig(**kw))
+    return model  # type: ignore[no-any-return]
 
 
 def make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace, refs: dict[str, Any]) -> Any:
@@ -204,7 +205,7 @@ def time_refresh(args: argparse.Namespace, device: torch.device) -> dict[str, fl
     from algorithms.optimizers.dct import DCT
     from algorithms.optimizers.projection import galore_side, randomized_svd_basis, svd_basis
 
-    model = build_model(args, torch.device("meta") if device.type == "cuda" else device)
+    model = build_model(args, torch.device("meta"))
     shapes: dict[tuple[int, int], int] = {}
     for p in model.parameters():
         if p.dim() == 2:

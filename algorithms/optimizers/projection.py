@@ -39,11 +39,17 @@ def svd_basis(grad: torch.Tensor, rank: int, side: Side) -> tuple[torch.Tensor, 
     Returns ``(P, P2)``; ``P2`` only for ``full``. The result has ``grad``'s dtype.
     """
     u, _, vh = torch.linalg.svd(_work(grad), full_matrices=False)
+    # contiguous copies: the slices would keep all of U / Vh alive (and LAPACK's column-major
+    # layout makes later matmuls slower)
     if side == "right":
-        return vh[:rank].to(grad.dtype), None
+        return _own(vh[:rank], grad.dtype), None
     if side == "left":
-        return u[:, :rank].to(grad.dtype), None
-    return u[:, :rank].to(grad.dtype), vh[:rank].to(grad.dtype)
+        return _own(u[:, :rank], grad.dtype), None
+    return _own(u[:, :rank], grad.dtype), _own(vh[:rank], grad.dtype)
+
+
+def _own(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 def _range_finder(a: torch.Tensor, k: int, power_iters: int, gen: torch.Generator | None) -> torch.Tensor:
@@ -73,13 +79,13 @@ def randomized_svd_basis(grad: torch.Tensor, rank: int, side: Side, *, oversampl
     if side == "right":
         q = _range_finder(a.mT, k, power_iters, generator)  # n x k, range of G^T
         ub, _, _ = torch.linalg.svd(q.mT @ a.mT, full_matrices=False)  # (k x m) small SVD
-        return (q @ ub[:, :rank]).mT.contiguous().to(grad.dtype), None
+        return _own((q @ ub[:, :rank]).mT, grad.dtype), None
     q = _range_finder(a, k, power_iters, generator)  # m x k
     ub, _, vh = torch.linalg.svd(q.mT @ a, full_matrices=False)
-    left = (q @ ub[:, :rank]).to(grad.dtype)
+    left = _own(q @ ub[:, :rank], grad.dtype)
     if side == "left":
         return left, None
-    return left, vh[:rank].to(grad.dtype)
+    return left, _own(vh[:rank], grad.dtype)
 
 
 def project(grad: torch.Tensor, p: torch.Tensor, side: Side, p2: torch.Tensor | None = None) -> torch.Tensor:
