@@ -1,7 +1,8 @@
 """Build the spec's optimizer from the registry and take one optimizer step.
 
 Optimizers that need extra forward passes (``needs_closure``: AdaZo-SAM, LORENZA, SAM) get the
-loop's ``forward_backward(backward: bool)`` closure and call it themselves.
+loop's ``forward_backward(backward: bool)`` closure and call it themselves (gradient clipping is
+applied after each of its backward passes).
 """
 
 from collections.abc import Callable
@@ -32,7 +33,17 @@ def optimizer_step(optimizer: Any, forward_backward: Closure, *, model: nn.Modul
     if engine is not None:
         return engine.step(forward_backward)  # type: ignore[no-any-return]
     if getattr(optimizer, "needs_closure", False):
-        return optimizer.step(forward_backward)  # type: ignore[no-any-return]
+        if scaler is not None:
+            raise ValueError("fp16 loss scaling does not compose with closure-based optimizers (sam, adazo_sam, "
+                             "lorenza): use precision bf16 or fp32")
+
+        def closure(backward: bool = True) -> torch.Tensor:
+            loss = forward_backward(backward)
+            if backward and grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
+            return loss
+
+        return optimizer.step(closure)  # type: ignore[no-any-return]
     loss = forward_backward(True)
     if scaler is not None:
         scaler.unscale_(optimizer)
