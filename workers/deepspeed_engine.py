@@ -97,6 +97,39 @@ def build_client_optimizer(spec: ExperimentSpec, model: nn.Module, device: torch
     return build_from_config(cfg, params)
 
 
+def memory_estimate(spec: ExperimentSpec, model: nn.Module, device: torch.device) -> tuple[float, float] | None:
+    """(bytes one GPU needs without activation checkpointing, bytes free now), or None off GPU or
+    for models that are not transformers decoders/encoders with a config.
+
+    Model states per parameter by ZeRO stage (bf16 weights and gradients, fp32 master weights and
+    Adam moments; less what is offloaded), plus activations of one micro-batch: 34 s b h bytes per
+    layer (Korthikanti et al. 2022, with the s^2 attention-score term left out: SDPA's fused kernels
+    do not keep the scores) and the logits (s b V, in 16 and 32 bits).
+    """
+    cfg = getattr(model, "config", None)
+    if device.type != "cuda" or cfg is None or spec.train is None:
+        return None
+    hidden, layers = getattr(cfg, "hidden_size", None), getattr(cfg, "num_hidden_layers", None)
+    if not hidden or not layers:
+        return None
+    seq = int(getattr(spec.task.dataset, "seq_len", 0) or getattr(spec.task.dataset, "max_length", 0) or 0)
+    world = spec.distributed.num_workers
+    micro = spec.train.batch_size // (world * spec.train.grad_accum)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    ds = spec.distributed.deepspeed
+    stage = engine_stage(spec)
+    optim = 0.0 if ds is not None and ds.offload_optimizer else 12.0
+    weights = 0.0 if ds is not None and ds.offload_params else 2.0
+    per_param = {0: weights + 2 + optim, 1: weights + 2 + optim / world, 2: weights + (2 + optim) / world,
+                 3: (weights + 2 + optim) / world}[stage]
+    states = n * per_param + frozen * 2
+    vocab = getattr(cfg, "vocab_size", 0) or 0
+    activations = 34.0 * seq * micro * hidden * layers + 6.0 * seq * micro * vocab
+    free, _ = torch.cuda.mem_get_info(device)
+    return states + activations, float(free)
+
+
 class _LoopOptimizer:
     """What the loop's closure sees as ``optimizer``: DeepSpeed clears gradients after each step,
     so ``zero_grad`` matters only for closure optimizers, which re-run the closure."""
@@ -123,7 +156,13 @@ class DeepSpeedModel:
 
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         ds = spec.distributed.deepspeed
-        if ds is not None and ds.activation_checkpointing:
+        asked = ds is not None and ds.activation_checkpointing
+        estimate = memory_estimate(spec, model, device)
+        if not asked and estimate is not None and estimate[0] > 0.85 * estimate[1]:
+            print(f"[orchestra] deepspeed: activation checkpointing on: about {estimate[0] / 2**30:.1f} GiB needed "
+                  f"per GPU without it, {estimate[1] / 2**30:.1f} GiB free", flush=True)
+            asked = True
+        if asked:
             enable = getattr(model, "gradient_checkpointing_enable", None)
             if enable is None:
                 warnings.warn("activation_checkpointing: this model has no gradient_checkpointing_enable; "

@@ -1,16 +1,17 @@
 """The ``deepspeed`` strategy on real Ray Train (gloo, 2 CPU workers) with a real MLflow.
 
 - ZeRO 0, 1, 2 and 3 train a tiny Llama (loss falls) with the same per-step loss curve as ddp for
-  the same seed and data. The five runs share one Ray Train worker group (each through the
-  worker's real ``train_worker``, one after another), which saves four worker-group starts and
-  four DeepSpeed imports on a 2-core machine; each run starts fresh (no checkpoint handed over).
+  the same seed and data; so do GaLore at ZeRO-2 (whole-matrix state partitioning) and a robust
+  aggregation rule at stage 0 against their ddp runs. The runs share one Ray Train worker group
+  (each through the worker's real ``train_worker``, one after another), which saves a worker-group
+  start and a DeepSpeed import per run on a 2-core machine; each run starts fresh (no checkpoint
+  handed over).
 - A worker killed mid-run (``faults.kill``) under ZeRO-3 restarts from the last sharded checkpoint
   (``FailureConfig``) and finishes; the checkpoint holds both ranks' shards in one directory.
 """
 
 import copy
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,10 @@ from service.spec import ExperimentSpec
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = 10
+STEPS = 8
 
 
-def tiny_spec(name: str, strategy: str, stage: int | None = None) -> dict[str, Any]:
+def tiny_spec(name: str, strategy: str, stage: int | None = None, **sections: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "name": name,
         "task": {"kind": "causal_lm", "dataset": {"name": "char_corpus", "seq_len": 32},
@@ -39,7 +40,24 @@ def tiny_spec(name: str, strategy: str, stage: int | None = None) -> dict[str, A
     }
     if stage is not None:
         spec["distributed"]["deepspeed"] = {"zero_stage": stage}
+    for section, values in sections.items():
+        spec[section] = values if section == "optimizer" else {**spec.get(section, {}), **values}
     return ExperimentSpec.model_validate(spec).resolved()
+
+
+GALORE = {"optimizer": {"name": "galore", "lr": 0.05, "rank": 4, "update_proj_gap": 4}}
+MEDIAN = {"distributed": {"aggregator": {"name": "median"}}}
+# (run, strategy, ZeRO stage, changes, the ddp run it must match)
+RUNS: list[tuple[str, str, int | None, dict[str, Any], str]] = [
+    ("ddp", "ddp", None, {}, "ddp"),
+    *[(f"zero{s}", "deepspeed", s, {}, "ddp") for s in range(4)],
+    # GaLore at ZeRO-2: DeepSpeed at stage 0 + PartitionedOptimizer (state split by whole matrices)
+    ("ddp-galore", "ddp", None, GALORE, "ddp-galore"),
+    ("zero2-galore", "deepspeed", 2, GALORE, "ddp-galore"),
+    # a robust rule: the engine's all-reduce off, the loop's exchange combines the ranks' gradients
+    ("ddp-median", "ddp", None, MEDIAN, "ddp-median"),
+    ("zero0-median", "deepspeed", 0, MEDIAN, "ddp-median"),
+]
 
 
 def _train_many(config: dict[str, Any]) -> None:
@@ -84,12 +102,10 @@ def test_zero_stages_match_ddp(ray_on_stack, tmp_path: Path) -> None:  # type: i
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    sys.path.insert(0, str(ROOT))
     mlflow = MlflowClient(ray_on_stack.mlflow_uri)
-    names = ["ddp", "zero0", "zero1", "zero2", "zero3"]
-    specs = [tiny_spec("ds-ddp", "ddp")] + [tiny_spec(f"ds-zero{s}", "deepspeed", s) for s in range(4)]
-    runs: list[dict[str, Any]] = [{"spec": spec, "mlflow_run_id": new_run(mlflow, name)}
-                                  for name, spec in zip(names, specs, strict=True)]
+    run_ids = {name: new_run(mlflow, name) for name, *_ in RUNS}
+    runs = [{"spec": tiny_spec(f"ds-{name}", strategy, stage, **changes), "mlflow_run_id": run_ids[name]}
+            for name, strategy, stage, changes, _ in RUNS]
     trainer = TorchTrainer(
         _train_many,
         train_loop_config={"runs": runs, "mlflow_uri": ray_on_stack.mlflow_uri},
@@ -99,21 +115,19 @@ def test_zero_stages_match_ddp(ray_on_stack, tmp_path: Path) -> None:  # type: i
     )
     trainer.fit()
 
-    curves = {name: curve(mlflow, run["mlflow_run_id"]) for name, run in zip(names, runs, strict=True)}
-    ddp = curves["ddp"]
-    assert len(ddp) == STEPS
-    assert ddp[-1] < 0.8 * ddp[0], ddp  # it trains
-    for name in names[1:]:
-        ds = curves[name]
-        assert len(ds) == STEPS, (name, ds)
-        assert ds[-1] < 0.8 * ds[0], (name, ds)
-        diffs = [abs(a - b) / abs(b) for a, b in zip(ds, ddp, strict=True)]
-        assert max(diffs) < 2e-4, (name, ds, ddp)
-        eval_ds, eval_ddp = curve(mlflow, runs[names.index(name)]["mlflow_run_id"], "eval/loss")[-1], \
-            curve(mlflow, runs[0]["mlflow_run_id"], "eval/loss")[-1]
-        assert abs(eval_ds - eval_ddp) / eval_ddp < 2e-4, (name, eval_ds, eval_ddp)
-        # The consolidated final model (ZeRO-3: gathered from both ranks) is the MLflow artifact.
-        artifacts = {a.path for a in mlflow.list_artifacts(runs[names.index(name)]["mlflow_run_id"], "model")}
+    for name, strategy, _, _, reference in RUNS:
+        losses, ref = curve(mlflow, run_ids[name]), curve(mlflow, run_ids[reference])
+        assert len(losses) == STEPS, (name, losses)
+        assert losses[-1] < 0.9 * losses[0], (name, losses)  # it trains
+        if strategy == "ddp":
+            continue
+        diffs = [abs(a - b) / abs(b) for a, b in zip(losses, ref, strict=True)]
+        assert max(diffs) < 2e-4, (name, losses, ref)
+        # the final evaluation runs on the consolidated model (ZeRO-3: gathered from both ranks)
+        final, ref_final = curve(mlflow, run_ids[name], "eval/loss")[-1], curve(mlflow, run_ids[reference],
+                                                                                 "eval/loss")[-1]
+        assert abs(final - ref_final) / ref_final < 2e-4, (name, final, ref_final)
+        artifacts = {a.path for a in mlflow.list_artifacts(run_ids[name], "model")}
         assert {"model/state_dict.pt", "model/spec.json"} <= artifacts, (name, artifacts)
 
 
@@ -122,20 +136,20 @@ def test_killed_worker_resumes_from_sharded_checkpoint(ray_on_stack, tmp_path: P
 
     mlflow = MlflowClient(ray_on_stack.mlflow_uri)
     doc = copy.deepcopy(tiny_spec("ds-kill", "deepspeed", 3))
-    doc["train"].update({"max_steps": 8, "checkpoint_every": 3})
-    doc["faults"] = {"kill": {"rank": 1, "step": 5}}
+    doc["train"].update({"max_steps": 6, "checkpoint_every": 3})
+    doc["faults"] = {"kill": {"rank": 1, "step": 4}}
     doc["distributed"]["max_failures"] = 1
     spec = ExperimentSpec.model_validate(doc)
     run_id = new_run(mlflow, "kill")
     metrics = run_trainer(spec, run_id="ds-kill", mlflow_uri=ray_on_stack.mlflow_uri, mlflow_run_id=run_id,
                           storage_path=str(tmp_path), log_spec=False)
-    assert metrics["step"] == 8
+    assert metrics["step"] == 6
     # The loop logs model/params at the step it starts from: 0, then 3 after the restore.
     starts = sorted(m.step for m in mlflow.get_metric_history(run_id, "model/params"))
     assert starts == [0, 3], starts
     losses = curve(mlflow, run_id)
-    assert len(losses) == 8 and losses[-1] < 0.8 * losses[0], losses
+    assert len(losses) == 6 and losses[-1] < 0.9 * losses[0], losses
     # Each kept checkpoint holds both ranks' ZeRO-3 shards (merged by Ray Train from two folders).
-    shards = sorted(p.name for p in tmp_path.glob("orchestra-ds-kill/checkpoint_*/step8/*.pt"))
+    shards = sorted(p.name for p in tmp_path.glob("orchestra-ds-kill/checkpoint_*/step6/*.pt"))
     assert shards == ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                       "zero_pp_rank_1_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"], shards
