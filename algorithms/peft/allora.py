@@ -10,22 +10,24 @@ so lr_p -> lr * eta while ||p|| is ~0 (B at initialisation: a fast escape from 0
 second flaw) and lr_p ~ lr / ||p|| once the norm is large. The coefficient is recomputed at the
 start of every step from the current norms.
 
-Granularity: one coefficient per LoRA tensor (each A and each B is its own optimizer group), so
-the rule holds for any optimizer (SGD, Adam, AdamW: the update is linear in lr). Scaling the
-gradient instead would be cancelled by Adam's normalisation. The paper states the rule per
-parameter vector; per-row coefficients would need a custom optimizer, which the worker loop's
-"any torch optimizer" contract rules out: a documented deviation.
+Granularity: one coefficient per LoRA tensor (each A and each B), applied to the update so that
+it holds for Adam too (scaling the gradient instead would be cancelled by Adam's normalisation).
+The paper states the rule per parameter; we read "parameter" as the tensor, as torch does.
 
-Mechanics: the coefficient is applied inside ``optimizer.step()`` through the step hooks of
-``optim_hooks.py``: just before the step each ALLoRA group's ``lr`` (whatever the schedule set)
-is multiplied by 1 / sqrt(||p||^2 + 1/eta^2) of its tensor as it is now, and restored right after.
-So the schedule, the logged lr and a checkpoint restore all see the plain scheduled lr.
+Mechanics: the coefficient is applied around ``optimizer.step()`` through the step hooks of
+``optim_hooks.py``: before the step the LoRA tensors are copied and their norms taken, after it
+each tensor is moved back to p_old + c_p (p_new - p_old), c_p = 1 / sqrt(||p_old||^2 + 1/eta^2).
+For optimizers whose update is linear in lr (SGD with or without momentum, Adam, AdamW with its
+decoupled weight decay) that is exactly a step with lr_p = c_p * lr; the parameter groups, the
+schedule, the logged lr and the optimizer state are untouched (so a checkpoint restore needs
+nothing special), and the optimizer keeps one group for all tensors (a group per tensor would
+cost its kernel launches per tensor). Three multi-tensor kernels and one host sync per step.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+import weakref
 
 import torch
 from torch import nn
@@ -33,7 +35,6 @@ from torch import nn
 from algorithms.peft import optim_hooks
 from algorithms.peft.base import PeftHandle
 from algorithms.peft.lora import apply_lora, lora_pairs
-from algorithms.peft.optim_hooks import groups_holding
 
 
 def allora_lr(base_lr: float, norm: float, eta: float) -> float:
@@ -43,32 +44,37 @@ def allora_lr(base_lr: float, norm: float, eta: float) -> float:
 
 class ALLoRAHandle(PeftHandle):
     eta: float = 1.0
-    lora_params: list[nn.Parameter]
-    _ids: set[int]
+    lora_params: list[torch.Tensor]
+    _before: list[torch.Tensor] | None = None
+    _coef: list[float] | None = None
+    _holds: weakref.WeakKeyDictionary[torch.optim.Optimizer, bool]
 
-    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
-        others = [p for p in self.model.parameters() if p.requires_grad and id(p) not in self._ids]
-        groups: list[dict[str, Any]] = [{"params": [p], "lr": lr} for p in self.lora_params]
-        if others:
-            groups.append({"params": others, "lr": lr})
-        self._groups = groups
-        return groups
+    def _in(self, optimizer: torch.optim.Optimizer) -> bool:
+        held = self._holds.get(optimizer)
+        if held is None:
+            first = self.lora_params[0]
+            held = any(p is first for g in optimizer.param_groups for p in g["params"])
+            self._holds[optimizer] = held
+        return held
 
     @torch.no_grad()
     def pre_step(self, optimizer: torch.optim.Optimizer) -> None:
-        groups = groups_holding(optimizer, self._ids)
-        if not groups:
+        if not self._in(optimizer):
             return
-        # one fused norm kernel and a single host transfer (no per-tensor GPU sync)
-        norms = torch.stack(torch._foreach_norm([g["params"][0].detach() for g in groups]))
-        for g, norm in zip(groups, norms.float().tolist(), strict=True):
-            g["allora_scheduled_lr"] = g["lr"]
-            g["lr"] = allora_lr(g["lr"], norm, self.eta)
+        params = self.lora_params
+        if self._before is None or self._before[0].device != params[0].device:
+            self._before = [torch.empty_like(p) for p in params]
+        torch._foreach_copy_(self._before, params)
+        norms = torch.stack(torch._foreach_norm(params)).float()
+        self._coef = torch.rsqrt(norms * norms + 1.0 / (self.eta * self.eta)).tolist()
 
+    @torch.no_grad()
     def post_step(self, optimizer: torch.optim.Optimizer) -> None:
-        for g in groups_holding(optimizer, self._ids):
-            if "allora_scheduled_lr" in g:
-                g["lr"] = g.pop("allora_scheduled_lr")
+        if self._coef is None or self._before is None or not self._in(optimizer):
+            return
+        torch._foreach_lerp_(self._before, self.lora_params, self._coef)  # p_old + c (p_new - p_old)
+        torch._foreach_copy_(self.lora_params, self._before)
+        self._coef = None
 
 
 def apply_allora(
@@ -98,6 +104,6 @@ def apply_allora(
     handle = ALLoRAHandle(name="allora", model=base.model, merge_adapter=base.merge_adapter)
     handle.eta = eta
     handle.lora_params = [t for p in lora_pairs(handle.model) for t in (p.A, p.B)]
-    handle._ids = {id(t) for t in handle.lora_params}
+    handle._holds = weakref.WeakKeyDictionary()
     optim_hooks.attach(handle)
     return handle

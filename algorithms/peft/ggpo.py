@@ -20,12 +20,17 @@ The perturbation goes on the frozen base weight before the forward pass (``on_st
 autograd saves the weight it read) and is removed after backward (``after_backward``) by
 restoring a saved copy, which is exact in any dtype (W + eps - eps is not, in bf16). The noise
 comes from the handle's own seeded generator, so every data-parallel rank draws the same eps.
-The row norms of W' are computed without forming W' (``merged_row_norms_sq``), and those of the
-frozen W0 once: per step the cost is one matmul W0 A^T, the noise, and the copy.
+The row norms of W' are computed without forming W':
+||W'_i||^2 = ||W0_i||^2 + 2 s B_i . (W0 A^T)_i + s^2 B_i (A A^T) B_i^T, with those of the frozen W0
+cached: per step the cost is one matmul W0 A^T per layer, the noise, and the copies.
+Layers of equal shape are handled together (the GPU cost of many small kernels is their launch):
+their statistics are computed batched, their noise is drawn in one call (layers in module
+order), and the copies and the addition are multi-tensor (``torch._foreach_*``) kernels.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,38 +40,15 @@ from algorithms.peft.base import PeftHandle
 from algorithms.peft.lora import LoraPair, apply_lora, lora_pairs
 
 
-@torch.no_grad()
-def ggpo_row_std(
-    merged: torch.Tensor, grad_rows: torch.Tensor | None, rho: float, beta: float
-) -> torch.Tensor:
-    """sigma_i for each row of the merged weight (see the module docstring); the reference form."""
-    w_rows = merged.float().pow(2).sum(1)
-    return _row_std(w_rows, merged.shape[1], grad_rows, rho, beta)
+@dataclass
+class _ShapeGroup:
+    """Adapted layers of one shape, scaling, dtype and device (indices into the handle's pairs)."""
 
-
-def _row_std(
-    w_rows: torch.Tensor, n: int, grad_rows: torch.Tensor | None, rho: float, beta: float
-) -> torch.Tensor:
-    """sigma_i from the squared row norms ``w_rows`` of W' (length m) and the gradient rows."""
-    var = w_rows if grad_rows is None else (1.0 - beta) * w_rows
-    if grad_rows is not None and beta > 0.0:
-        g_rows = grad_rows.float().pow(2).sum(1)
-        ratio = w_rows.sum() / g_rows.sum().clamp_min(1e-30)
-        var = var + beta * g_rows * ratio
-    return (var.clamp_min(0.0) * (rho * rho / n)).sqrt()
-
-
-@torch.no_grad()
-def merged_row_norms_sq(
-    w0: torch.Tensor, w0_rows: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
-) -> torch.Tensor:
-    """||(W0 + s B A)_i||^2 for every row i without forming the m x n merged matrix:
-    ||W0_i||^2 + 2 s B_i . (W0 A^T)_i + s^2 B_i (A A^T) B_i^T (one pass over W0: W0 A^T)."""
-    Af, Bf = A.float(), B.float()
-    wa = (w0 @ A.mT.to(w0.dtype)).float()  # m x r
-    cross = (wa * Bf).sum(1)
-    quad = ((Bf @ (Af @ Af.mT)) * Bf).sum(1)
-    return w0_rows + 2.0 * scaling * cross + scaling * scaling * quad
+    idx: list[int]
+    scaling: float
+    w0_rows: torch.Tensor  # (L, m) squared row norms of the frozen base weights
+    backup: list[torch.Tensor]  # one (m, n) buffer per layer, reused every step
+    grad_rows: torch.Tensor | None = None  # (L, m) squared row norms of the last G
 
 
 class GGPOHandle(PeftHandle):
@@ -75,42 +57,78 @@ class GGPOHandle(PeftHandle):
     beta: float = 0.5
     seed: int = 0
     generator: torch.Generator | None = None
-    _backup: list[torch.Tensor]
-    _grad_rows: list[torch.Tensor | None]
-    _w0_rows: list[torch.Tensor] | None = None
+    _shapes: list[_ShapeGroup] | None = None
+    _perturbed: bool = False
 
+    def _shape_groups(self, weights: list[torch.Tensor]) -> list[_ShapeGroup]:
+        if self._shapes is not None and self._shapes[0].w0_rows.device == weights[0].device:
+            return self._shapes
+        keyed: dict[tuple[Any, ...], list[int]] = {}
+        for i, (p, w) in enumerate(zip(self.pairs, weights, strict=True)):
+            keyed.setdefault((tuple(w.shape), p.scaling, w.dtype, w.device), []).append(i)
+        self._shapes = [
+            _ShapeGroup(
+                idx=idx,
+                scaling=key[1],
+                w0_rows=torch.stack([weights[i].float().pow(2).sum(1) for i in idx]),
+                backup=[torch.empty_like(weights[i]) for i in idx],
+            )
+            for key, idx in keyed.items()
+        ]
+        return self._shapes
+
+    @torch.no_grad()
     def on_step_start(self, step: int, model: nn.Module) -> None:
-        if self._backup:  # a step that never reached after_backward: put the weights back first
+        if self._perturbed:  # a step that never reached after_backward: put the weights back first
             self._restore()
         weights = [p.base_weight for p in self.pairs]
-        if self.generator is None or self.generator.device != weights[0].device:
+        device = weights[0].device
+        if self.generator is None or self.generator.device != device:
             # made here, not at apply: the loop moves the model to its device after apply
-            self.generator = torch.Generator(device=weights[0].device).manual_seed(self.seed)
-        with torch.no_grad():
-            if self._w0_rows is None or self._w0_rows[0].device != weights[0].device:
-                # the base weights are frozen and restored exactly after every step
-                self._w0_rows = [w.float().pow(2).sum(1) for w in weights]
-            for p, w, w0_rows, g_rows in zip(self.pairs, weights, self._w0_rows, self._grad_rows,
-                                             strict=True):
-                rows = merged_row_norms_sq(w, w0_rows, p.A, p.B, p.scaling)
-                std = _row_std(rows, w.shape[1], g_rows, self.rho, self.beta)
-                noise = torch.randn(w.shape, generator=self.generator, device=w.device, dtype=w.dtype)
-                self._backup.append(w.detach().clone())
-                w.add_(noise.mul_(std[:, None].to(w.dtype)))
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        # the base weights are frozen and restored exactly after every step: W0 stats are cached
+        groups = self._shape_groups(weights)
+        for grp in groups:
+            ws = [weights[i] for i in grp.idx]
+            A = torch.stack([self.pairs[i].A.detach() for i in grp.idx]).float()  # (L, r, n)
+            B = torch.stack([self.pairs[i].B.detach() for i in grp.idx]).float()  # (L, m, r)
+            wa = torch.stack([w @ self.pairs[i].A.detach().mT.to(w.dtype)
+                              for i, w in zip(grp.idx, ws, strict=True)]).float()  # (L, m, r)
+            s = grp.scaling
+            rows = grp.w0_rows + 2.0 * s * (wa * B).sum(-1) + s * s * ((B @ (A @ A.mT)) * B).sum(-1)
+            var = rows
+            if grp.grad_rows is not None and self.beta > 0.0:
+                ratio = rows.sum(-1, keepdim=True) / grp.grad_rows.sum(-1, keepdim=True).clamp_min(1e-30)
+                var = (1.0 - self.beta) * rows + self.beta * grp.grad_rows * ratio
+            m, n = ws[0].shape
+            std = (var.clamp_min(0.0) * (self.rho * self.rho / n)).sqrt()  # (L, m)
+            torch._foreach_copy_(grp.backup, ws)
+            noise = torch.randn((len(ws), m, n), generator=self.generator, device=device, dtype=ws[0].dtype)
+            noise.mul_(std[..., None].to(noise.dtype))
+            torch._foreach_add_(ws, list(noise.unbind(0)))
+        self._perturbed = True
 
+    @torch.no_grad()
     def _restore(self) -> None:
-        with torch.no_grad():
-            for p, saved in zip(self.pairs, self._backup, strict=True):
-                p.base_weight.copy_(saved)
-        self._backup = []
+        assert self._shapes is not None
+        for grp in self._shapes:
+            torch._foreach_copy_([self.pairs[i].base_weight for i in grp.idx], grp.backup)
+        self._perturbed = False
 
+    @torch.no_grad()
     def after_backward(self, step: int, model: nn.Module) -> None:
-        if not self._backup:  # a second backward in the same step (closure optimizers)
+        if not self._perturbed:  # a second backward in the same step (closure optimizers)
             return
         self._restore()
-        self._grad_rows = [
-            None if p.B.grad is None else p.B.grad.detach() / p.scaling for p in self.pairs
-        ]
+        assert self._shapes is not None
+        for grp in self._shapes:
+            grads = [self.pairs[i].B.grad for i in grp.idx]
+            if any(g is None for g in grads):
+                grp.grad_rows = None
+                continue
+            # G = g^B_lora / s (m x r): its squared row norms
+            g = torch.stack(grads).float() / grp.scaling  # type: ignore[arg-type]
+            grp.grad_rows = g.pow(2).sum(-1)
 
 
 def apply_lora_ggpo(
@@ -120,6 +138,4 @@ def apply_lora_ggpo(
     handle = GGPOHandle(name="lora_ggpo", model=base.model, merge_adapter=base.merge_adapter)
     handle.pairs = lora_pairs(handle.model)
     handle.rho, handle.beta, handle.seed = rho, beta, seed
-    handle._backup = []
-    handle._grad_rows = [None] * len(handle.pairs)
     return handle

@@ -116,9 +116,8 @@ class LoRAProHandle(PeftHandle):
                 scaling,
                 self.damping,
             )
-            for i, p in enumerate(ps):
-                p.A.grad.copy_(new_A[i])  # type: ignore[union-attr]
-                p.B.grad.copy_(new_B[i])  # type: ignore[union-attr]
+            grads: list[torch.Tensor] = [t.grad for p in ps for t in (p.A, p.B)]  # type: ignore[misc]
+            torch._foreach_copy_(grads, [t for i in range(len(ps)) for t in (new_A[i], new_B[i])])
 
 
 def apply_lora_pro(model: nn.Module, *, damping: float = 1e-6, **lora_kwargs: Any) -> LoRAProHandle:

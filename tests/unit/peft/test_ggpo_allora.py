@@ -22,10 +22,22 @@ def _sgd(params: list[torch.nn.Parameter], lr: float) -> None:
                 p.grad = None
 
 
+class ThreeLayer(torch.nn.Module):
+    """fc1 and fc2 have the same shape (one GGPO group), fc3 another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = torch.nn.Linear(10, 10), torch.nn.Linear(10, 10), torch.nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x[:, :10])))))
+        return {"loss": ((out - labels) ** 2).mean()}
+
+
 def test_ggpo_step_matches_manual_computation() -> None:
     torch.manual_seed(0)
     rho, beta, seed, lr = 0.2, 0.5, 3, 0.1
-    handle = apply("lora_ggpo", TinyMLP(), r=2, alpha=4.0, target_modules=["fc1", "fc2"],
+    handle = apply("lora_ggpo", ThreeLayer(), r=2, alpha=4.0, target_modules=["fc1", "fc2", "fc3"],
                    rho=rho, beta=beta, seed=seed)
     with torch.no_grad():
         for p in handle.pairs:  # type: ignore[attr-defined]
@@ -34,7 +46,7 @@ def test_ggpo_step_matches_manual_computation() -> None:
     originals = [p.base_weight.detach().clone() for p in handle.pairs]  # type: ignore[attr-defined]
 
     opt = torch.optim.SGD(handle.param_groups(handle.model, lr))
-    for step in range(2):
+    for step in range(3):
         handle.on_step_start(step, handle.model)
         loss = handle.model(**mlp_batch(step))["loss"]
         handle.before_backward(step, handle.model)
@@ -43,27 +55,33 @@ def test_ggpo_step_matches_manual_computation() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    # independent re-computation of the rule in the module docstring
+    # independent re-computation of the rule in the module docstring: W' formed explicitly,
+    # noise drawn per group of same-shape layers (module order), one call per group
     gen = torch.Generator().manual_seed(seed)
     pairs = lora_pairs(ref)
+    groups = [[0, 1], [2]]
     prev: list[Any] = [None] * len(pairs)
     trainable = [p for p in ref.parameters() if p.requires_grad]
-    for step in range(2):
-        saved = []
+    for step in range(3):
+        saved = [p.base_weight.clone() for p in pairs]
         with torch.no_grad():
-            for p, g in zip(pairs, prev, strict=True):
-                w = p.base_weight
-                merged = w + p.scaling * p.B @ p.A
-                var = merged.pow(2).sum(1)
-                if g is not None:
-                    var = (1 - beta) * var + beta * g.pow(2).sum(1) * merged.pow(2).sum() / g.pow(2).sum()
-                std = (var * rho**2 / merged.shape[1]).sqrt()
-                saved.append(w.clone())
-                w.add_(torch.randn(w.shape, generator=gen) * std[:, None])
+            for grp in groups:
+                stds = []
+                for i in grp:
+                    p, g = pairs[i], prev[i]
+                    merged = p.base_weight + p.scaling * p.B @ p.A
+                    var = merged.pow(2).sum(1)
+                    if g is not None:
+                        var = (1 - beta) * var + beta * g.pow(2).sum(1) * merged.pow(2).sum() / g.pow(2).sum()
+                    stds.append((var * rho**2 / merged.shape[1]).sqrt())
+                m, n = pairs[grp[0]].base_weight.shape
+                noise = torch.randn((len(grp), m, n), generator=gen)
+                for k, i in enumerate(grp):
+                    pairs[i].base_weight.add_(noise[k] * stds[k][:, None])
         ref(**mlp_batch(step))["loss"].backward()
         with torch.no_grad():
-            for p, s in zip(pairs, saved, strict=True):
-                p.base_weight.copy_(s)
+            for p, w in zip(pairs, saved, strict=True):
+                p.base_weight.copy_(w)
         prev = [p.B.grad.clone() / p.scaling for p in pairs if p.B.grad is not None]
         _sgd(trainable, lr)
 
