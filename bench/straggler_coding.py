@@ -126,7 +126,8 @@ def bench(args: argparse.Namespace) -> None:
     import ray
 
     torch.set_num_threads(1)
-    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+             object_store_memory=int(args.object_store_gb * 1e9))
     b = Bench(args)
     t_start = time.perf_counter()
     quiet = [frozenset[int]()] * (args.steps + args.window + args.burst)
@@ -214,6 +215,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--num-cpus", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--object-store-gb", type=float, default=2.0)
     p.add_argument("--methods", nargs="+", default=["wait_all", "ignore", "gc", "sr_sgc", "m_sgc"])
     p.add_argument("--quick", action="store_true", help="s = 1, delays 5 20, 8 steps, small MLP")
     p.add_argument("--conditioning", action="store_true", help="print the condition-number table only")

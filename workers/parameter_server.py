@@ -48,6 +48,7 @@ passes, fp16 (see the spec's rules).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -165,8 +166,9 @@ class _PartStream:
 
 class GradientWorker:
     """Computes coded messages: for each item, ``sum_p c_p * grad(size_p * loss(part p))`` with
-    the summed loss appended as the last coordinate. The injected straggler delay is slept
-    after the computation and outside the lock, so a threaded actor can start the next step."""
+    the summed loss appended as the last coordinate. The injected straggler delay comes after
+    the computation: slept here when ``sleep``, else only reported (the simulated clock of
+    :class:`LocalPool`, or :class:`AsyncGradientWorker`, which awaits it)."""
 
     def __init__(self, spec_json: dict[str, Any], rank: int, sizes: list[int], keep: int,
                  wire: str = "float32", sleep: bool = True) -> None:
@@ -176,9 +178,6 @@ class GradientWorker:
         self.rank, self.sizes, self.keep, self.sleep = rank, sizes, keep, sleep
         self.wire = getattr(torch, wire)
         self.seed = spec.train.seed
-        cpus = (dist.resources_per_worker or {}).get("CPU", 1.0)
-        if sleep:  # in a Ray actor: use the CPUs it was given (tests share the process: leave it)
-            torch.set_num_threads(max(1, int(cpus)))
         use_cuda = dist.use_gpu and torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
         self.task = build_task(spec)
@@ -280,6 +279,25 @@ class GradientWorker:
         return out, {"compute_s": compute_s, "delay_s": delay}
 
 
+class AsyncGradientWorker(GradientWorker):
+    """The Ray actor: an async actor, so computations run one at a time in the event loop's
+    thread (one thread: no malloc arena per pool thread, no lock contention) and an injected
+    delay is awaited, so a late message never holds back the worker's next task."""
+
+    def __init__(self, spec_json: dict[str, Any], rank: int, sizes: list[int], keep: int,
+                 wire: str = "float32") -> None:
+        super().__init__(spec_json, rank, sizes, keep, wire, sleep=False)
+        cpus = (ExperimentSpec.model_validate(spec_json).distributed.resources_per_worker or {}).get("CPU", 1.0)
+        torch.set_num_threads(max(1, int(cpus)))
+
+    async def compute_async(self, items: list[WorkItem], *weights: torch.Tensor,
+                            delay_s: float | None = None) -> tuple[list[torch.Tensor], dict[str, float]]:
+        out, info = self.compute(items, *weights, delay_s=delay_s)
+        if info["delay_s"] > 0:
+            await asyncio.sleep(info["delay_s"])
+        return out, info
+
+
 # ---- pools: where the workers run ----------------------------------------------------------------
 
 
@@ -298,7 +316,7 @@ def _actor_options(spec: ExperimentSpec) -> dict[str, Any]:
     if not res:
         res = {"CPU": 1.0, **({"GPU": 1.0} if dist.use_gpu else {})}
     opts: dict[str, Any] = {"num_cpus": res.pop("CPU", 0.0), "num_gpus": res.pop("GPU", 0.0),
-                            "max_concurrency": 16}  # late tasks sleep while the next one computes
+                            "max_concurrency": 64}  # late tasks await their delay meanwhile
     if res:
         opts["resources"] = res
     return opts
@@ -315,7 +333,7 @@ class RayPool:
         if not ray.is_initialized():
             ray.init()  # inside a Ray job: the job's cluster
         self.ray = ray
-        actor: Any = ray.remote(GradientWorker).options(**_actor_options(spec))
+        actor: Any = ray.remote(AsyncGradientWorker).options(**_actor_options(spec))
         wire = str(layout.wire).removeprefix("torch.")
         self.actors: list[Any] = [actor.remote(spec.resolved(), w, layout.sizes, layout.keep, wire)
                        for w in range(layout.n_workers)]
@@ -331,7 +349,7 @@ class RayPool:
 
     def submit(self, worker: int, round: int, items: list[WorkItem], weights: list[Any]) -> Any:
         delay = None if self.delay_fn is None else self.delay_fn(round, worker)
-        return self.actors[worker].compute.remote(items, *weights, delay_s=delay)
+        return self.actors[worker].compute_async.remote(items, *weights, delay_s=delay)
 
     def wait(self, handles: list[Any], num_returns: int, timeout: float | None) -> list[Any]:
         ready, _ = self.ray.wait(handles, num_returns=num_returns, timeout=timeout)
