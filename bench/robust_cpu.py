@@ -75,7 +75,8 @@ def make_model(seed: int) -> torch.nn.Module:
 
 
 def train(rule_name: str, attack: str, *, n: int, f: int, steps: int, batch: int, lr: float, seed: int,
-          data: tuple[Tensor, Tensor, Tensor, Tensor], shards: int = 0) -> tuple[float, float]:
+          data: tuple[Tensor, Tensor, Tensor, Tensor], shards: int = 0,
+          flag_r: int | None = None) -> tuple[float, float]:
     """Final test accuracy, and the mean cosine to the exact rule (blockwise rows; else nan)."""
     x_tr, y_tr, x_te, y_te = data
     model = make_model(seed)
@@ -83,7 +84,10 @@ def train(rule_name: str, attack: str, *, n: int, f: int, steps: int, batch: int
     names = list(params)
     shapes = [params[k].shape for k in names]
     sizes = [params[k].numel() for k in names]
-    exact = build(rule_name) if rule_name == "mean" else build(rule_name, f=f)
+    rule_params: dict[str, int] = {} if rule_name == "mean" else {"f": f}
+    if rule_name == "flag" and flag_r is not None:
+        rule_params["r"] = flag_r
+    exact = build(rule_name, **rule_params)
     rule: Callable[[Tensor], Tensor] = Blockwise(exact, shards) if shards else exact
     atk = build_attack(attack, **ATTACKS[attack]) if attack not in ("none", "label_flip") else None
     liars = f if attack != "none" else 0
@@ -122,22 +126,29 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.2)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--rules", nargs="+", default=RULES, choices=RULES)
+    ap.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
+    ap.add_argument("--no-shards", action="store_true", help="skip the blockwise shard rows")
+    ap.add_argument("--flag-r", type=int, default=None, help="flag's subspace dimension (default n - f)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.quick:
         args.steps, args.seeds = 40, 1
     data = load()
-    rows = [(r, 0) for r in RULES] + [(r, args.workers) for r in SHARDED]
+    rows = [(r, 0) for r in args.rules]
+    if not args.no_shards:
+        rows += [(r, args.workers) for r in SHARDED if r in args.rules]
     t_start = time.perf_counter()
     table: dict[tuple[str, int], dict[str, tuple[float, float, float]]] = {}
     for rule_name, shards in rows:
         table[(rule_name, shards)] = {}
-        for attack in ATTACKS:
+        for attack in args.attacks:
             accs, coss = [], []
             for seed in range(args.seeds):
                 acc, cos = train(rule_name, attack, n=args.workers, f=args.byzantine, steps=args.steps,
-                                 batch=args.batch, lr=args.lr, seed=seed, data=data, shards=shards)
+                                 batch=args.batch, lr=args.lr, seed=seed, data=data, shards=shards,
+                                 flag_r=args.flag_r)
                 accs.append(acc)
                 coss.append(cos)
             table[(rule_name, shards)][attack] = (statistics.fmean(accs), float(np.std(accs)),
@@ -146,8 +157,9 @@ def main() -> None:
               flush=True)
 
     print(f"\nn = {args.workers} workers, f = {args.byzantine} Byzantine, {args.steps} SGD steps (lr {args.lr}), "
-          f"batch {args.batch} per worker, {args.seeds} seed(s); final test accuracy, mean (std over seeds)\n")
-    attacks = list(ATTACKS)
+          f"batch {args.batch} per worker, {args.seeds} seed(s), flag r = {args.flag_r or 'n - f'}; "
+          "final test accuracy, mean (std over seeds)\n")
+    attacks = list(args.attacks)
     print("| rule | " + " | ".join(attacks) + " |")
     print("|---" * (len(attacks) + 1) + "|")
     for (rule_name, shards), cells in table.items():
