@@ -189,7 +189,10 @@ def liar_weight(grads: Tensor, agg: Tensor, byz_idx: Sequence[int], mass: Tensor
     coefficient per row for all coordinates). Worker ``i``'s *mass* is ``sum_j |w_ij x_ij|``, its
     l1 share of the aggregate before cancellations, and the liar weight is the liars' share of
     the total mass. The rules report the mass themselves (``aggregate(..., with_mass=True)``);
-    without it, the coefficients come from least squares (:func:`least_squares_mass`).
+    without it, the coefficients come from least squares (:func:`least_squares_mass`), which is
+    exact for linearly independent rows but only one of many decompositions when the lies are
+    combinations of honest rows (sign flip, IPM, ALIE's mean): pass ``mass`` whenever the rule ran
+    here (``rule.aggregate(grads, with_mass=True).mass``).
     So: 0 when no liar value entered the aggregate, f/n for the mean of equal-norm rows, and
     close to 1 when scaled lies dominate it.
     """
