@@ -9,12 +9,16 @@ and merged into one model; every merged model is scored on the full test split (
 - ``shared-base``: both are fine-tuned from one base (a model trained for one epoch on all
   classes): the setting task arithmetic, TIES and aTLAS are designed for.
 
+A third table does the same for a Llama-style transformer on the built-in character corpus: two
+2-layer models from different initialisations, each trained on one half of the training text,
+merged, scored by validation loss (nats per character; lower is better).
+
 PLeaS (Nasery et al. 2024) gets unlabelled training images of both halves; PLeaS-free gets no
 data at all (standard-normal inputs). "perm+avg" is the ablation that matches units like PLeaS and
 then averages the permuted weights (Git Re-Basin / ZipIt style) instead of solving least squares.
 
-    python bench/merge_cpu.py            # 5 seeds, MLP [64, 64] and CNN [8, 16]
-    python bench/merge_cpu.py --quick    # 1 seed, MLP only
+    python bench/merge_cpu.py            # 5 seeds, MLP [64, 64] and CNN [8, 16]; 2 seeds, Llama
+    python bench/merge_cpu.py --quick    # 1 seed: MLP and Llama
 """
 
 from __future__ import annotations
@@ -130,13 +134,57 @@ def run_seed(arch: str, setting: str, seed: int, args: argparse.Namespace) -> di
     return res
 
 
+def run_lm_seed(seed: int, args: argparse.Namespace) -> dict[str, float]:
+    from service.spec.task import CharCorpusData, TransformerModel
+    from workers.merge_job import Ensemble
+    from workers.tasks.char_lm import CharLMTask
+
+    spec = TransformerModel(name="llama", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+    task = CharLMTask(CharCorpusData(name="char_corpus", seq_len=64), spec)
+    full = task.train_ids
+    half = len(full) // 2
+    models = []
+    for i, part in enumerate((full[:half], full[half:])):
+        torch.manual_seed(1000 * seed + i)
+        model = task.build_model()
+        task.train_ids = part
+        batches = task.batches(rank=0, world=1, batch_size=16, seed=seed * 10 + i)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(args.lm_steps):
+            opt.zero_grad()
+            task.loss(model, next(batches)).backward()
+            opt.step()
+        models.append(model.eval())
+    task.train_ids = full
+    it = task.batches(rank=0, world=1, batch_size=16, seed=seed + 99)
+    data = [next(it) for _ in range(8)]
+    cpu = torch.device("cpu")
+
+    def loss(model: nn.Module) -> float:
+        return task.evaluate(model, cpu, 20)["eval/loss"]
+
+    a, b = models
+    res = {"model A (1st half)": loss(a), "model B (2nd half)": loss(b)}
+    res["ensemble (mean logits)"] = loss(Ensemble([a, b]))
+    res["average"] = loss(build("average").merge([a, b]))
+    for tw in (1.0, 1.5):
+        res[f"PLeaS width {tw}x (MLP units)"] = loss(build("pleas", target_width=tw).merge([a, b], data=data))
+        prop = build("pleas", target_width=tw, propagate=True).merge([a, b], data=data)
+        res[f"PLeaS width {tw}x, propagate"] = loss(prop)
+    free = build("pleas", data_free=True, noise_samples=128, input_shape=[64]).merge([a, b])
+    res["PLeaS-free width 1.0x (random tokens)"] = loss(free)
+    return res
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 seed, MLP only")
+    parser.add_argument("--quick", action="store_true", help="1 seed: MLP and Llama")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--merge-examples", type=int, default=512, help="PLeaS / aTLAS data (from the train split)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lm-seeds", type=int, default=2, help="seeds of the transformer table (0: skip it)")
+    parser.add_argument("--lm-steps", type=int, default=200)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = 1 if args.quick else args.seeds
@@ -154,6 +202,17 @@ def main() -> None:
                 sd = f" +- {statistics.stdev(vals):.3f}" if len(vals) > 1 else ""
                 print(f"| {key} | {statistics.mean(vals):.3f}{sd} |")
             print(flush=True)
+    lm_seeds = min(1, args.lm_seeds) if args.quick else args.lm_seeds
+    if lm_seeds:
+        runs = [run_lm_seed(s, args) for s in range(lm_seeds)]
+        print(f"### Llama (hidden 64, 2 layers, 4 heads / 2 kv heads, MLP 128), char corpus halves, diff-init, "
+              f"{args.lm_steps} steps each; mean +- std over {lm_seeds} seed(s)\n")
+        print("| method | validation loss (nats/char) |\n| --- | --- |")
+        for key in runs[0]:
+            vals = [r[key] for r in runs]
+            sd = f" +- {statistics.stdev(vals):.3f}" if len(vals) > 1 else ""
+            print(f"| {key} | {statistics.mean(vals):.3f}{sd} |")
+        print(flush=True)
     print(f"total {time.perf_counter() - t0:.0f} s")
 
 

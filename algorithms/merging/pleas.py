@@ -129,8 +129,6 @@ class PleasMerger:
         return merged
 
     def _merge_transformer(self, a: nn.Module, b: nn.Module, data: Iterable[Batch] | None) -> nn.Module:
-        if self.propagate:
-            raise ValueError("pleas: propagate=True is not supported for transformer models")
         if data is None:
             if not self.data_free:
                 raise ValueError("pleas: needs data to match units and fit the layers (or data_free=True)")
@@ -140,7 +138,9 @@ class PleasMerger:
             vocab = int(cfg.vocab_size)
             ids = torch.randint(0, vocab, (self.noise_samples, seq), generator=gen)
             data = list(ids.to(next(a.parameters()).device).split(32))
-        merged, named, errors = merge_llama_like(a, b, data, target_width=self.target_width, ridge=self.ridge)
+        merged, named, errors = merge_llama_like(
+            a, b, data, target_width=self.target_width, ridge=self.ridge, propagate=self.propagate
+        )
         self.matches_, self.named_matches_, self.layer_errors_ = [], named, list(errors.values())
         return merged
 

@@ -16,10 +16,13 @@ The RMSNorm weights are first folded into the projections that read the normalis
 (W diag(g), g := 1), which leaves each model's function unchanged and makes every remaining
 weight a linear layer between permuted features. Step 2 is then the same closed-form grouped least
 squares as for the MLPs, layer by layer, from the permuted inputs of the originals (mean of
-merged pairs) to their permuted outputs; the embeddings are the mean of the permuted embeddings
-(the least-squares solution for one-hot inputs) and ``lm_head`` fits the mean of both models'
-logits. Not covered: tied input/output embeddings, GPT-2's fused Conv1D layout, and
-``propagate=True``.
+merged pairs) to their permuted outputs, except that a projection reading a normalised stream
+reads the normalised *merged* stream (the mean of the two permuted streams, then RMS-normalised,
+as the merged model will compute it; the mean of two normalised streams has a smaller norm); the
+embeddings are the mean of the permuted embeddings (the least-squares solution for one-hot
+inputs) and ``lm_head`` fits the mean of both models' logits. ``propagate=True`` then refits every
+projection, in forward order, on the merged model's own inputs. Not covered: tied input/output
+embeddings, GPT-2's fused Conv1D layout.
 """
 
 import copy
@@ -87,9 +90,10 @@ class Activations:
     lin_in: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # Linear name -> [rows x in]
     lin_out: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     resid: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # boundary -> [rows x hidden]
+    norm_in: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # RMSNorm name -> its input
 
     def cat(self) -> "Activations":
-        parts = (self.lin_in, self.lin_out, self.resid)
+        parts = (self.lin_in, self.lin_out, self.resid, self.norm_in)
         return Activations(*({k: [torch.cat(v)] for k, v in d.items()} for d in parts))
 
 
@@ -128,7 +132,15 @@ def capture(model: nn.Module, batches: Sequence[Batch]) -> Activations:
 
         return hook
 
+    def norm_hook(name: str):  # type: ignore[no-untyped-def]
+        def hook(mod: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            acts.norm_in.setdefault(name, []).append(rows(args[0]))
+
+        return hook
+
     handles = [m.register_forward_hook(linear_hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    norms = dict(reader_norms(model).values())  # each norm once (it has several readers)
+    handles += [m.register_forward_hook(norm_hook(n)) for n, m in norms.items()]
     inner = model.model
     handles.append(inner.embed_tokens.register_forward_hook(resid_hook("embed")))  # type: ignore[union-attr]
     for i, layer in enumerate(inner.layers):  # type: ignore[union-attr,arg-type]
@@ -148,6 +160,26 @@ def capture(model: nn.Module, batches: Sequence[Batch]) -> Activations:
             h.remove()
         model.train(was)
     return acts.cat()
+
+
+def reader_norms(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    """Linear name -> (name, module) of the RMSNorm whose output it reads."""
+    out: dict[str, tuple[str, nn.Module]] = {}
+    inner: Any = model.model
+    for i, layer in enumerate(inner.layers):
+        p = f"model.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            out[p + "self_attn." + proj] = (p + "input_layernorm", layer.input_layernorm)
+        for proj in ("gate_proj", "up_proj"):
+            out[p + "mlp." + proj] = (p + "post_attention_layernorm", layer.post_attention_layernorm)
+    out["lm_head"] = ("model.norm", inner.norm)
+    return out
+
+
+def rms_normalise(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """What a (folded, weight-one) RMSNorm outputs for x."""
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)) or 1e-6)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
 # ---- matching ------------------------------------------------------------------------------------
@@ -208,8 +240,12 @@ def merge_llama_like(
     *,
     target_width: float,
     ridge: float,
+    propagate: bool = False,
 ) -> tuple[nn.Module, dict[str, UnitMatch], dict[str, float]]:
-    """The merged model, the matches (by name) and each layer's relative least-squares error."""
+    """The merged model, the matches (by name) and each layer's relative least-squares error.
+
+    ``propagate``: after the fit above, refit every projection in forward order on the merged
+    model's own inputs (same targets), so that each layer corrects the errors of those below it."""
     cfg: Any = a.config
     n_heads: int = cfg.num_attention_heads
     n_kv: int = getattr(cfg, "num_key_value_heads", None) or n_heads
@@ -262,11 +298,16 @@ def merge_llama_like(
     merged = type(a)(new_cfg).to(dtype=ref.dtype, device=ref.device)
     state: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
+    readers = reader_norms(fa_model)
     for name, mod in fa_model.named_modules():
         if not isinstance(mod, nn.Linear):
             continue
         m_in, m_out = io(name)
-        x = m_in.embed(acts_a.lin_in[name][0], acts_b.lin_in[name][0])
+        if name in readers:  # the merged stream (mean of the permuted streams), then normalised
+            norm_name, norm = readers[name]
+            x = rms_normalise(m_in.embed(acts_a.norm_in[norm_name][0], acts_b.norm_in[norm_name][0]), norm)
+        else:
+            x = m_in.embed(acts_a.lin_in[name][0], acts_b.lin_in[name][0])
         y = m_out.embed(acts_a.lin_out[name][0], acts_b.lin_out[name][0])
         w, bias = solve_grouped(x, y, m_in.groups(), m_out.groups(), ridge, mod.bias is not None)
         pred = x @ w.T + (bias if bias is not None else 0.0)
@@ -284,5 +325,44 @@ def merge_llama_like(
                 raise ValueError(f"pleas: no rule for the transformer's parameter {k!r}")
             state[k] = torch.ones_like(v)  # folded norms
     merged.load_state_dict({k: v.to(dtype=own[k].dtype) for k, v in state.items()}, strict=True)
+    if propagate:
+        for name, mod in merged.named_modules():
+            if not isinstance(mod, nn.Linear):
+                continue
+            m_in, m_out = io(name)
+            x = _inputs_of(merged, mod, batches)
+            y = m_out.embed(acts_a.lin_out[name][0], acts_b.lin_out[name][0])
+            w, bias = solve_grouped(x, y, m_in.groups(), m_out.groups(), ridge, mod.bias is not None)
+            pred = x @ w.T + (bias if bias is not None else 0.0)
+            errors[name] = float(((pred - y) ** 2).sum() / (y**2).sum().clamp(min=1e-30))
+            with torch.no_grad():
+                mod.weight.copy_(w.to(mod.weight.dtype))
+                if bias is not None and mod.bias is not None:
+                    mod.bias.copy_(bias.to(mod.bias.dtype))
     merged.train(a.training)
     return merged, matches, errors
+
+
+def _inputs_of(model: nn.Module, module: nn.Module, batches: Sequence[Batch]) -> torch.Tensor:
+    """``module``'s inputs (one row per unmasked token) when ``model`` runs on the batches."""
+    got: list[torch.Tensor] = []
+    mask: list[torch.Tensor] = []
+
+    def hook(mod: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        got.append(args[0].detach().reshape(-1, args[0].shape[-1]).double()[mask[0]])
+
+    handle = module.register_forward_hook(hook)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for item in batches:
+                kw = _kwargs(item)
+                am = kw.get("attention_mask")
+                n = kw["input_ids"].numel()
+                mask[:] = [am.reshape(-1).bool() if am is not None else torch.ones(n, dtype=torch.bool)]
+                model(**kw)
+    finally:
+        handle.remove()
+        model.train(was)
+    return torch.cat(got)

@@ -49,6 +49,30 @@ def test_transformer_and_its_permuted_copy_merge_back_to_it(kv_heads: int, targe
     assert torch.equal(p[res.pairs_b], res.pairs_a)
 
 
+def test_propagate_refits_on_the_merged_models_own_inputs() -> None:
+    """On a permuted copy the merged model's own inputs are the ideal ones: still exact. On two
+    different models, the refit of the output layer is the least-squares optimum on the merged
+    model's actual features, so its logits are closer to the ensemble's than without refitting."""
+    model = tiny_llama(0)
+    fit, new = torch.randint(0, 32, (8, 16)), torch.randint(0, 32, (4, 20))
+    merged = PleasMerger(ridge=0.0, propagate=True).merge([model, permuted_llama(model)], data=[fit])
+    torch.testing.assert_close(_logits(merged, new), _logits(model, new), atol=2e-5, rtol=1e-5)
+    # different models: the refitted output layer is the least-squares optimum on the merged
+    # model's own features, so it beats the non-refitted one's output layer on those features
+    other = tiny_llama(5)
+    ensemble = (_logits(model, fit) + _logits(other, fit)) / 2
+    prop = PleasMerger(ridge=0.0, propagate=True).merge([model, other], data=[fit])
+    plain = PleasMerger(ridge=0.0).merge([model, other], data=[fit])
+    feats: list[torch.Tensor] = []
+    handle = prop.lm_head.register_forward_hook(lambda m, a, o: feats.append(a[0]))  # type: ignore[union-attr]
+    _logits(prop, fit)
+    handle.remove()
+    with torch.no_grad():
+        gap_prop = float(((prop.lm_head(feats[0]) - ensemble) ** 2).sum())  # type: ignore[operator]
+        gap_plain = float(((plain.lm_head(feats[0]) - ensemble) ** 2).sum())  # type: ignore[operator]
+    assert gap_prop < gap_plain
+
+
 def test_data_free_transformer_merge_uses_random_tokens() -> None:
     model = tiny_llama(0)
     merged = PleasMerger(data_free=True, ridge=0.0, noise_samples=16, input_shape=[16]).merge(
@@ -83,8 +107,6 @@ def test_different_transformers_merge_and_unsupported_cases_are_refused() -> Non
     merged = PleasMerger(target_width=0.5).merge([a, b], data=[ids])
     assert merged.config.intermediate_size == 12  # type: ignore[union-attr]
     assert _logits(merged, ids).shape == (8, 16, 32)
-    with pytest.raises(ValueError, match="propagate"):
-        PleasMerger(propagate=True).merge([a, b], data=[ids])
     tied = tiny_llama(0)
     tied.lm_head.weight = tied.model.embed_tokens.weight  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="tied"):
