@@ -53,3 +53,15 @@ def test_bad_configs(raw: dict, message: str) -> None:
 def test_config_does_not_import_torch() -> None:
     code = "import sys, algorithms.merging.config; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_data_section_and_adapter_base_are_not_hyperparameters() -> None:
+    raw = {"method": "atlas", "inputs": ["a", "b"], "base": "adapters", "steps": 3,
+           "data": {"batches": 2, "batch_size": 16}}  # fmt: skip
+    cfg = TypeAdapter(MergeConfig).validate_python(raw)
+    assert cfg.hparams() == {"steps": 3, "lr": 0.01, "unlabelled": False, "init": None}
+    assert cfg.data is not None and cfg.data.batches == 2 and cfg.needs_base() and cfg.needs_data()
+    assert not TypeAdapter(MergeConfig).validate_python({"method": "pleas", "inputs": ["a", "b"],
+                                                         "data_free": True}).needs_data()  # fmt: skip
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        TypeAdapter(MergeConfig).validate_python({**raw, "data": {"batches": 0}})
