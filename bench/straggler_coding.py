@@ -48,7 +48,8 @@ def make_spec(args: argparse.Namespace, coding: dict[str, Any] | None = None) ->
     return ExperimentSpec.model_validate({
         "name": "bench-straggler-coding",
         "task": {"kind": "image_classification", "dataset": {"name": "digits"},
-                 "model": {"name": "mlp", "hidden": [args.hidden, args.hidden]}},
+                 "model": ({"name": "mlp", "hidden": [args.hidden, args.hidden]} if args.model == "mlp"
+                           else {"name": "cnn", "channels": args.channels, "hidden": args.hidden})},
         "train": {"max_steps": args.steps, "batch_size": args.batch, "seed": args.seed},
         "optimizer": {"name": "sgd", "lr": args.lr},
         "distributed": {"num_workers": args.workers, "strategy": "parameter_server", "gradient_coding": coding,
@@ -156,7 +157,9 @@ def bench(args: argparse.Namespace) -> None:
                 print(rows[-1], flush=True)
         print(f"(s={s}: stragglers in {busy:.0%} of the first {args.steps} rounds)", flush=True)
     ray.shutdown()
-    print(f"\nn={args.workers} Ray actors on {args.num_cpus} CPUs, digits MLP {args.hidden}x{args.hidden}, "
+    model = (f"MLP {args.hidden}x{args.hidden}" if args.model == "mlp"
+             else f"CNN channels {args.channels} hidden {args.hidden}")
+    print(f"\nn={args.workers} Ray actors on {args.num_cpus} CPUs, digits {model}, "
           f"batch {args.batch}, {args.steps} steps per method, pattern (B={args.burst}, W={args.window}, "
           f"lambda=s), no-straggler step {base_ms:.1f} ms, total {time.perf_counter() - t_start:.0f} s\n")
     print("| s | delay | method | load/worker | worker ms | median step ms | x no-straggler | x own no-delay | "
@@ -206,7 +209,10 @@ def main() -> None:
     p.add_argument("--stragglers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--delays", type=float, nargs="+", default=[2, 5, 20], help="x the no-straggler step")
     p.add_argument("--steps", type=int, default=20, help="SGD steps per method")
+    p.add_argument("--model", choices=["mlp", "cnn"], default="mlp",
+                   help="cnn: more compute per parameter, so the load counts more than per-task overheads")
     p.add_argument("--hidden", type=int, default=384)
+    p.add_argument("--channels", type=int, nargs="+", default=[64, 128], help="cnn channels")
     p.add_argument("--batch", type=int, default=768)
     p.add_argument("--burst", type=int, default=2, help="B of the bursty straggler pattern")
     p.add_argument("--window", type=int, default=3, help="W of the bursty straggler pattern")
