@@ -16,7 +16,9 @@ Shared helpers used by the other LoRA-family methods live here too.
 from __future__ import annotations
 
 import itertools
+import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,4 +230,5 @@ def apply_corda(
     peft_model.save_pretrained(str(initial))
     lora_cfg.init_lora_weights = init_flag
     handle.initial_dir = initial
+    weakref.finalize(handle, shutil.rmtree, initial, ignore_errors=True)
     return handle
