@@ -11,28 +11,22 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import torch
 from torch import nn
 
 from service.spec import ExperimentSpec
 
-# Methods whose hooks read or rewrite full weights or gradients of single tensors: DeepSpeed
-# partitions those (ZeRO) or owns the optimizer step, so they run under strategy ddp only.
-DEEPSPEED_OK = {"lora", "eva", "corda", "lora_sb"}
-# Methods that change which parameters require gradients while training: DDP fixes that set
-# when it wraps the model, so they run on one worker.
-SINGLE_WORKER = {"lisa", "owlore"}
-
 
 def check_strategy(spec: ExperimentSpec) -> None:
-    """A clear error for a method that cannot run with the spec's strategy (before any work)."""
+    """A clear error for a method that cannot run with the spec's strategy (before any work);
+    the rules are the config's (``algorithms.peft.config``), so the spec can check them too."""
     assert spec.peft is not None
-    name, dist = spec.peft.name, spec.distributed
-    if dist.strategy == "deepspeed" and name not in DEEPSPEED_OK:
-        raise ValueError(f"peft.name: {name!r} needs strategy ddp (with deepspeed use one of "
-                         f"{', '.join(sorted(DEEPSPEED_OK))})")
-    if name in SINGLE_WORKER and dist.num_workers > 1:
-        raise ValueError(f"peft.name: {name!r} changes the trainable layers as it trains, which DDP "
-                         "does not allow: use num_workers 1")
+    dist = spec.distributed
+    zero = dist.deepspeed.zero_stage if dist.deepspeed is not None else None
+    try:
+        spec.peft.check_distributed(dist.strategy, zero, dist.num_workers)
+    except ValueError as exc:
+        raise ValueError(f"peft.name: {exc}") from None
 
 
 def model_inputs(task: Any, batch: Any) -> dict[str, Any]:
@@ -54,6 +48,19 @@ def init_batches(spec: ExperimentSpec, task: Any, n: int) -> list[dict[str, Any]
     return [model_inputs(task, b) for b in itertools.islice(stream, n)]
 
 
+def init_device(spec: ExperimentSpec) -> torch.device:
+    """Where a data-driven initialisation runs: the worker's GPU when it has one (an SVD of every
+    layer's gradient or inputs on CPU would take minutes for a large model), else the CPU."""
+    if spec.distributed.use_gpu and torch.cuda.is_available():
+        try:
+            from ray.train.torch import get_device
+
+            return torch.device(get_device())
+        except Exception:  # not inside a Ray Train worker
+            return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def apply_peft(spec: ExperimentSpec, model: nn.Module, task: Any) -> tuple[nn.Module, Any]:
     from algorithms.peft.registry import apply_from_config
 
@@ -61,6 +68,10 @@ def apply_peft(spec: ExperimentSpec, model: nn.Module, task: Any) -> tuple[nn.Mo
     assert cfg is not None
     check_strategy(spec)
     n_init = int(getattr(cfg, "init_batches", 0) or 0)
-    batches = init_batches(spec, task, n_init) if n_init else None
+    batches = None
+    if n_init:
+        device = init_device(spec)
+        model.to(device)  # the loop moves it there next anyway
+        batches = [{k: v.to(device) for k, v in b.items()} for b in init_batches(spec, task, n_init)]
     handle = apply_from_config(cfg, model, batches, task_type=spec.task.kind)
     return handle.model, handle

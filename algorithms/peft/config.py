@@ -10,8 +10,31 @@ from pydantic import Field, model_validator
 
 from algorithms._config import StrictModel
 
+# Methods whose hooks only initialise: DeepSpeed (ZeRO 0-2) can own their parameters and step.
+# The others read or rewrite whole weights or gradients of single tensors, or their optimizer
+# step (ALLoRA, OwLore), which ZeRO partitions; LISA/OwLore change the trainable set while
+# training, which DDP fixes when it wraps the model.
+DEEPSPEED_OK = frozenset({"lora", "eva", "corda", "lora_sb"})
+SINGLE_WORKER = frozenset({"lisa", "owlore"})
 
-class LoRABase(StrictModel):
+
+class _DistributedRules(StrictModel):
+    name: str
+
+    def check_distributed(self, strategy: str, zero_stage: int | None, num_workers: int) -> None:
+        """Raise ValueError when this method cannot run under the strategy / ZeRO stage / workers."""
+        if strategy == "deepspeed" and self.name not in DEEPSPEED_OK:
+            raise ValueError(f"{self.name!r} needs strategy ddp (with deepspeed use one of "
+                             f"{', '.join(sorted(DEEPSPEED_OK))})")
+        if strategy == "deepspeed" and zero_stage == 3:
+            raise ValueError("peft with ZeRO stage 3 is not supported: the adapter is saved from the "
+                             "unpartitioned model (use zero_stage 0-2)")
+        if self.name in SINGLE_WORKER and num_workers > 1:
+            raise ValueError(f"{self.name!r} changes the trainable layers as it trains, which DDP does "
+                             "not allow: use num_workers 1")
+
+
+class LoRABase(_DistributedRules):
     name: str
     r: int = Field(default=8, ge=1, le=4096)
     alpha: float = Field(default=16.0, gt=0.0)
@@ -65,14 +88,14 @@ class LoRASBConfig(LoRABase):
     init_lr: float = Field(default=1e-3, gt=0.0, description="lr of the approximated first full step")
 
 
-class LISAConfig(StrictModel):
+class LISAConfig(_DistributedRules):
     name: Literal["lisa"]
     n_layers: int = Field(default=2, ge=1)
     interval: int = Field(default=20, ge=1)
     seed: int = Field(default=0, ge=0)
 
 
-class OwLoreConfig(StrictModel):
+class OwLoreConfig(_DistributedRules):
     name: Literal["owlore"]
     n_layers: int = Field(default=2, ge=1)
     interval: int = Field(default=20, ge=1)

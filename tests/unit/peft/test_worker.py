@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 import torch
 from peft import PeftModel
+from pydantic import TypeAdapter
 
+from algorithms.peft.config import PeftConfig
 from service.spec import ExperimentSpec
 from workers import peft_hooks, train_loop
 from workers.model_io import rebuild_model
@@ -125,12 +127,17 @@ def test_lora_fine_tune_saves_an_adapter_that_peft_loads(monkeypatch: pytest.Mon
 
 
 def test_strategy_rules_are_checked_before_any_work() -> None:
-    with pytest.raises(ValueError, match="'lisa' changes the trainable layers"):
+    with pytest.raises(ValueError, match="peft.name: 'lisa' changes the trainable layers"):
         peft_hooks.check_strategy(spec_for({"name": "lisa"}, num_workers=2))
     spec = spec_for({"name": "lora_pro"})
     spec.distributed.strategy = "deepspeed"  # type: ignore[assignment]
-    with pytest.raises(ValueError, match="'lora_pro' needs strategy ddp"):
+    with pytest.raises(ValueError, match="peft.name: 'lora_pro' needs strategy ddp"):
         peft_hooks.check_strategy(spec)
+    # the rules live in the config (the spec can check them at submission)
+    lora = TypeAdapter(PeftConfig).validate_python({"name": "lora"})
+    lora.check_distributed("deepspeed", 2, 4)
+    with pytest.raises(ValueError, match="ZeRO stage 3 is not supported"):
+        lora.check_distributed("deepspeed", 3, 4)
 
 
 def test_init_batches_are_rank_independent_dicts() -> None:
