@@ -21,7 +21,7 @@ For optimizers whose update is linear in lr (SGD with or without momentum, Adam,
 decoupled weight decay) that is exactly a step with lr_p = c_p * lr; the parameter groups, the
 schedule, the logged lr and the optimizer state are untouched (so a checkpoint restore needs
 nothing special), and the optimizer keeps one group for all tensors (a group per tensor would
-cost its kernel launches per tensor). Three multi-tensor kernels and one host sync per step.
+cost its kernel launches per tensor). A few multi-tensor kernels and one host sync per step.
 """
 
 from __future__ import annotations
@@ -72,8 +72,10 @@ class ALLoRAHandle(PeftHandle):
     def post_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._coef is None or self._before is None or not self._in(optimizer):
             return
-        torch._foreach_lerp_(self._before, self.lora_params, self._coef)  # p_old + c (p_new - p_old)
-        torch._foreach_copy_(self.lora_params, self._before)
+        # p_new + (c - 1)(p_new - p_old) = p_old + c (p_new - p_old)
+        deltas = torch._foreach_sub(self.lora_params, self._before)
+        torch._foreach_mul_(deltas, [c - 1.0 for c in self._coef])
+        torch._foreach_add_(self.lora_params, deltas)
         self._coef = None
 
 

@@ -19,9 +19,9 @@ Notes on each hook:
 
 - ``param_groups(model, lr)``: the optimizer's parameter groups (plain ``torch.optim`` dicts).
   Methods that act inside the optimizer step (ALLoRA's per-tensor learning rate, OwLore's GaLore
-  update) do it through torch's optimizer step hooks (``optim_hooks.py``), which see the
-  optimizer's live groups: the lr the schedule set for this step, and the groups that a
-  checkpoint restore (``Optimizer.load_state_dict``) put in place of the ones returned here.
+  update) do it through torch's optimizer step hooks (``optim_hooks.py``), which run after
+  gradient clipping and see the optimizer's live state: the lr the schedule set for this step,
+  and the groups and state that a checkpoint restore (``Optimizer.load_state_dict``) put there.
 - ``on_step_start(step, model)``: before the forward pass. Anything that changes the weights
   the forward pass reads must happen here (autograd saves them for backward): LISA/OwLore
   resample their active layers, LoRA-GGPO adds its perturbation to the frozen base weights.
