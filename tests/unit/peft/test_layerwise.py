@@ -7,7 +7,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from algorithms.peft.galore_proj import make_projector
 from algorithms.peft.layerwise import find_blocks
 from algorithms.peft.registry import apply
 from tests.unit.peft.helpers import lm_batch, tiny_llama
@@ -77,20 +76,6 @@ def test_owlore_probabilities_follow_outlier_ratio(llama_dir: Path) -> None:
     counts = torch.bincount(torch.stack([torch.multinomial(probs, 1) for _ in range(400)]).flatten(),
                             minlength=4)
     assert counts[2] > 200
-
-
-def test_projection_matches_galore_torch() -> None:
-    from galore_torch.galore_projector import GaLoreProjector
-
-    g = torch.Generator().manual_seed(0)
-    for shape in [(20, 12), (12, 20)]:
-        grad = torch.randn(*shape, generator=g)
-        oracle = GaLoreProjector(rank=4, update_proj_gap=10, scale=1.0, proj_type="std")
-        ours = make_projector(grad, 4)
-        low = ours.project(grad)
-        torch.testing.assert_close(low.abs(), oracle.project(grad, 0).abs(), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(ours.project_back(low), oracle.project_back(oracle.project(grad, 0)),
-                                   atol=1e-5, rtol=1e-4)
 
 
 def test_sampling_is_a_function_of_the_period(llama_dir: Path) -> None:
