@@ -57,7 +57,7 @@ def solve_sylvester_spd(P: torch.Tensor, Q: torch.Tensor, C: torch.Tensor) -> to
     Qt = Q.mT.contiguous()
     K = K + (torch.kron(Qt, eye) if Q.dim() == 2 else _bkron(Qt, eye.expand_as(Q)))
     vec_c = C.mT.reshape(*C.shape[:-2], r * r, 1)
-    vec_x = torch.linalg.solve(K, vec_c)
+    vec_x = torch.linalg.solve_ex(K, vec_c)[0]  # _ex: no error check, so no host sync
     return vec_x.reshape(*C.shape[:-2], r, r).mT
 
 
@@ -83,8 +83,8 @@ def lora_pro_gradients(
     s2 = scaling * scaling
     BtB = _ridge(B.mT @ B, damping)
     AAt = _ridge(A @ A.mT, damping)
-    BtB_inv = torch.linalg.inv(BtB)
-    AAt_inv = torch.linalg.inv(AAt)
+    BtB_inv = torch.linalg.inv_ex(BtB)[0]  # ridged SPD: invertible; _ex avoids a host sync
+    AAt_inv = torch.linalg.inv_ex(AAt)[0]
     X = solve_sylvester_spd(BtB, AAt, -(BtB_inv @ gA @ A.mT) / s2)
     new_A = (BtB_inv @ gA) / s2 + X @ A
     # [I - B (B^T B)^-1 B^T] g^B_lora, without forming the m x m projector
