@@ -143,7 +143,9 @@ def start_ray_head(work: Path, args: argparse.Namespace, n: int) -> tuple[subpro
     port = free_port()
     cpus = max(2 * n, os.cpu_count() or 2)
     ray_bin = shutil.which("ray", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    cmd = [ray_bin or "ray", "start", "--head", "--block", f"--port={port}", f"--num-cpus={cpus}",
+    # pip --target installs (the GPU bundle) may leave no `ray` script: run its module then
+    launcher = [ray_bin] if ray_bin else [sys.executable, "-m", "ray.scripts.scripts"]
+    cmd = [*launcher, "start", "--head", "--block", f"--port={port}", f"--num-cpus={cpus}",
            "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={work / 'ray'}",
            f"--ray-client-server-port={free_port()}"]
     if args.device == "cuda":

@@ -44,10 +44,22 @@ import torch  # noqa: E402
 
 # ---- references (optional) ------------------------------------------------------------------------
 def load_galore_torch() -> Any:
+    """galore-torch's GaLoreAdamW; without bitsandbytes (its __init__ imports the 8-bit variant),
+    the ``galore_torch.adamw`` module is loaded under a bare package module."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from galore_torch import GaLoreAdamW
+            try:
+                from galore_torch import GaLoreAdamW
+            except ModuleNotFoundError as missing:
+                spec = importlib.util.find_spec("galore_torch")
+                if spec is None or spec.submodule_search_locations is None or missing.name == "galore_torch":
+                    raise
+                sys.modules.pop("galore_torch", None)
+                pkg = types.ModuleType("galore_torch")
+                pkg.__path__ = list(spec.submodule_search_locations)
+                sys.modules["galore_torch"] = pkg
+                GaLoreAdamW = importlib.import_module("galore_torch.adamw").AdamW
         return GaLoreAdamW
     except Exception as exc:  # noqa: BLE001
         print(f"note: galore-torch not available ({type(exc).__name__}: {exc}); skipping it", file=sys.stderr)
