@@ -8,7 +8,7 @@ method, the hooks called in the worker loop's order, AdamW with a constant learn
 weight methods take a smaller one). Each method runs in its own subprocess so that its peak RSS
 is its own.
 
-    python bench/peft_compare_cpu.py            # the table in bench/results/peft.md
+    python bench/peft_compare_cpu.py            # the table in bench/RESULTS.md
     python bench/peft_compare_cpu.py --quick    # a smoke test: 3 methods, a few steps
 """
 

@@ -35,7 +35,7 @@ is decoded like the gradient (one more coordinate of each message).
 
 Numerics: messages of codes with real coefficients (cyclic repetition) are combined and sent in
 float64 from per-part gradients, so decoding amplifies no float32 rounding (see
-``bench/results/coding.md`` for the condition numbers); 0/1 codes send float32.
+``bench/RESULTS.md`` for the condition numbers); 0/1 codes send float32.
 
 MLflow, per step: ``train/loss``, ``train/lr``, ``perf/step_time_s``, ``ps/wait_s``,
 ``ps/decode_s``, ``ps/num_late`` and ``ps/late/w<i>`` (1 for each worker that was late or

@@ -16,7 +16,7 @@ candidates -- the "polynomial" choice whose null space is spanned by low DFT fre
 roots of unity around ``-1``, real when ``n - s`` is odd; cf. Raviv et al., "Gradient coding
 from cyclic MDS codes and expander graphs", 2018) and several seeded Gaussian ``H`` -- and keep
 the one whose worst condition number over (all, or a sample of) survivor sets is smallest. The
-result is deterministic for a given ``seed``. Figures are in ``bench/results/coding.md``.
+result is deterministic for a given ``seed``. Figures are in ``bench/RESULTS.md``.
 """
 
 from __future__ import annotations
