@@ -120,7 +120,8 @@ def api(stack, postgres_url: str, tmp_path: Path) -> Iterator[ApiProcess]:  # ty
 def small_spec(name: str = "it-digits", **train: object) -> dict:  # type: ignore[type-arg]
     spec = {
         "name": name,
-        "task": {"kind": "image_classification", "dataset": {"name": "digits"}, "model": {"name": "mlp", "hidden": [64]}},
+        "task": {"kind": "image_classification", "dataset": {"name": "digits"},
+                 "model": {"name": "mlp", "hidden": [64]}},
         "train": {"max_steps": 60, "batch_size": 64, "eval_every": 30, "log_every": 10, "seed": 0, **train},
         "optimizer": {"name": "adamw", "lr": 0.003},
         "distributed": {"num_workers": 2, "use_gpu": False, "strategy": "ddp"},

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import traceback
+from typing import Any
 
 from service.spec import ExperimentSpec
 from workers.mlflow_log import RunLogger
@@ -22,7 +23,7 @@ def main(argv: list[str]) -> int:
     mlflow_run_id = os.environ.get("ORCHESTRA_MLFLOW_RUN_ID", "")
     storage = os.environ.get("ORCHESTRA_STORAGE_PATH") or os.path.expanduser("~/.orchestra/ray_results")
     logger = RunLogger(mlflow_uri, mlflow_run_id)
-    kwargs = {"run_id": run_id, "mlflow_uri": mlflow_uri, "mlflow_run_id": mlflow_run_id}
+    kwargs: dict[str, Any] = {"run_id": run_id, "mlflow_uri": mlflow_uri, "mlflow_run_id": mlflow_run_id}
     try:
         if spec.task.kind == "merge":
             from workers.merge_job import run_merge

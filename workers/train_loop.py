@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import torch
-from torch import nn
 
 from service.spec import ExperimentSpec
 from workers import checkpoint
@@ -93,7 +92,9 @@ def train_worker(config: dict[str, Any]) -> None:
             peft_handle.on_step_start(step, model)
         micro = [to_device(next(batches), device) for _ in range(train.grad_accum)]
 
-        def forward_backward(backward: bool = True) -> torch.Tensor:
+        # called within this iteration only (by the optimizer step below): the loop's values are bound
+        def forward_backward(backward: bool = True, micro: list[Any] = micro, step: int = step,
+                             metrics: dict[str, float] = metrics) -> torch.Tensor:
             total = torch.zeros((), device=device)
             optimizer.zero_grad(set_to_none=True)
             for i, batch in enumerate(micro):
@@ -128,7 +129,7 @@ def train_worker(config: dict[str, Any]) -> None:
         if done % train.log_every == 0 or done == train.max_steps:
             elapsed = time.perf_counter() - window_t
             samples_per_s = window_steps * train.batch_size / max(elapsed, 1e-9)
-            metrics.update({"train/loss": window_loss / window_steps, "train/lr": scheduler.get_last_lr()[0],
+            metrics.update({"train/loss": window_loss / window_steps, "train/lr": float(scheduler.get_last_lr()[0]),
                             "perf/samples_per_s": samples_per_s, "perf/step_time_s": elapsed / window_steps})
             if task.tokens_per_sample:
                 metrics["perf/tokens_per_s"] = samples_per_s * task.tokens_per_sample

@@ -72,8 +72,14 @@ class ExperimentSpec(StrictModel):
             if self.task.kind not in ("causal_lm", "seq_classification"):
                 raise ValueError(f"peft.name: peft applies to causal_lm and seq_classification, not {self.task.kind!r}")
             if dist.strategy == "parameter_server":
-                raise ValueError("peft.name: peft is not supported with strategy parameter_server (use ddp or deepspeed)")
+                raise ValueError("peft.name: peft is not supported with strategy parameter_server "
+                                 "(use ddp or deepspeed)")
         zero = dist.deepspeed.zero_stage if dist.deepspeed else None
+        if self.peft is not None:
+            try:
+                self.peft.check_distributed(dist.strategy, zero, n)
+            except ValueError as exc:
+                raise ValueError(f"peft.name: {exc}") from None
         if dist.deepspeed is not None and dist.strategy != "deepspeed":
             raise ValueError("distributed.deepspeed: set but distributed.strategy is not 'deepspeed'")
         if dist.strategy == "deepspeed":

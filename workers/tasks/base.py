@@ -29,8 +29,14 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
-def sharded_epochs(n: int, *, rank: int, world: int, seed: int) -> Iterator[torch.Tensor]:
-    """Per epoch, a permutation of 0..n-1 split across ranks (each rank its own slice)."""
+def sharded_epochs(n: int, *, rank: int, world: int, seed: int, batch_size: int = 1) -> Iterator[torch.Tensor]:
+    """Per epoch, a permutation of 0..n-1 split across ranks (each rank its own slice).
+
+    A rank's slice must hold at least one batch: otherwise no batch could ever be drawn.
+    """
+    if n // world < batch_size:
+        raise ValueError(f"train.batch_size: a worker's batch of {batch_size} is larger than its share of the "
+                         f"training data ({n // world} of {n} examples over {world} workers or parts)")
     epoch = 0
     while True:
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)

@@ -3,8 +3,8 @@ transformers config (random init) or a pretrained one from a local path."""
 
 import math
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,17 +21,16 @@ def build_decoder(spec: TransformerModel, vocab: int, seq_len: int) -> nn.Module
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     max_pos = spec.max_position or seq_len
+    attn: dict[str, Any] = {"attn_implementation": spec.attn_implementation}  # a PretrainedConfig kwarg
     if spec.name == "llama":
         cfg: Any = LlamaConfig(vocab_size=vocab, hidden_size=spec.hidden, num_hidden_layers=spec.layers,
                           num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads or spec.heads,
                           intermediate_size=spec.intermediate or int(8 * spec.hidden / 3 // 64 + 1) * 64,
-                          max_position_embeddings=max_pos, tie_word_embeddings=False,
-                          attn_implementation=spec.attn_implementation)
+                          max_position_embeddings=max_pos, tie_word_embeddings=False, **attn)
         model: nn.Module = LlamaForCausalLM(cfg)
     else:
         cfg = GPT2Config(vocab_size=vocab, n_embd=spec.hidden, n_layer=spec.layers, n_head=spec.heads,
-                         n_inner=spec.intermediate, n_positions=max_pos,
-                         attn_implementation=spec.attn_implementation)
+                         n_inner=spec.intermediate, n_positions=max_pos, **attn)
         model = GPT2LMHeadModel(cfg)
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable()  # type: ignore[operator]
@@ -68,7 +67,8 @@ class CharLMTask:
 
     def batches(self, *, rank: int, world: int, batch_size: int, seed: int,
                 label_flip: bool = False) -> Iterator[Batch]:
-        for idx in sharded_epochs(self._windows(self.train_ids), rank=rank, world=world, seed=seed):
+        windows = self._windows(self.train_ids)
+        for idx in sharded_epochs(windows, rank=rank, world=world, seed=seed, batch_size=batch_size):
             for start in range(0, len(idx) - batch_size + 1, batch_size):
                 yield (self._window(self.train_ids, idx[start:start + batch_size]),)
 

@@ -66,7 +66,7 @@ class DigitsTask:
 
     def batches(self, *, rank: int, world: int, batch_size: int, seed: int,
                 label_flip: bool = False) -> Iterator[Batch]:
-        for idx in sharded_epochs(len(self.y_tr), rank=rank, world=world, seed=seed):
+        for idx in sharded_epochs(len(self.y_tr), rank=rank, world=world, seed=seed, batch_size=batch_size):
             for start in range(0, len(idx) - batch_size + 1, batch_size):
                 take = idx[start:start + batch_size]
                 y = self.y_tr[take]

@@ -208,7 +208,7 @@ class TextClassificationTask:
 
         n = len(self.train["labels"])
         _check_shard(n, world, batch_size, "examples")
-        for idx in sharded_epochs(n, rank=rank, world=world, seed=seed):
+        for idx in sharded_epochs(n, rank=rank, world=world, seed=seed, batch_size=batch_size):
             for start in range(0, len(idx) - batch_size + 1, batch_size):
                 b = idx[start:start + batch_size]
                 ids, mask = self._trim(self.train["input_ids"][b], self.train["attention_mask"][b])
@@ -311,7 +311,7 @@ class PretrainedLMTask:
 
         n = self._windows(self.train_ids)
         _check_shard(n, world, batch_size, "windows")
-        for idx in sharded_epochs(n, rank=rank, world=world, seed=seed):
+        for idx in sharded_epochs(n, rank=rank, world=world, seed=seed, batch_size=batch_size):
             for start in range(0, len(idx) - batch_size + 1, batch_size):
                 yield (self._window(self.train_ids, idx[start:start + batch_size]),)
 
