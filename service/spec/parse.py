@@ -6,16 +6,14 @@ internal location (which inserts the union tag: ``optimizer.adamw.lr``).
 
 import copy
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
-
-import re
 
 import yaml
 from pydantic import ValidationError
 
 from service.spec.model import ExperimentSpec
-
 
 _NAMED = re.compile(r"^([a-z_]+(?:\.[A-Za-z0-9_]+)+): (.+)$", re.S)
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from service.db import engine_for, require_migrated, DatabaseNotMigrated
+from service.db import DatabaseNotMigrated, engine_for, require_migrated
 from tests.api_harness import make_client
 from tests.fakes import MemoryLauncher
 from tests.unit.test_spec import BAD

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from service.db import engine_for, session_factory, upgrade
+from service.launcher import JobState
 from service.models import RunRow
 from service.reconciler import Reconciler
 from service.repo import experiments as exp_repo
@@ -15,7 +16,6 @@ from service.scheduler import Scheduler
 from service.spec import parse_spec
 from service.state import IllegalTransition, RunStatus, experiment_status, transition
 from tests.fakes import MemoryLauncher, MemoryTracker
-from service.launcher import JobState
 
 QUICKSTART = (Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml").read_text()
 
