@@ -75,17 +75,17 @@ class ExperimentSpec(StrictModel):
                 raise ValueError("peft.name: peft is not supported with strategy parameter_server "
                                  "(use ddp or deepspeed)")
         zero = dist.deepspeed.zero_stage if dist.deepspeed else None
-        if self.peft is not None:
-            try:
-                self.peft.check_distributed(dist.strategy, zero, n)
-            except ValueError as exc:
-                raise ValueError(f"peft.name: {exc}") from None
         if dist.deepspeed is not None and dist.strategy != "deepspeed":
             raise ValueError("distributed.deepspeed: set but distributed.strategy is not 'deepspeed'")
         if dist.strategy == "deepspeed":
             from service.spec.deepspeed_rules import check_deepspeed
 
             check_deepspeed(self)
+        if self.peft is not None:
+            try:
+                self.peft.check_distributed(dist.strategy, zero, n)
+            except ValueError as exc:
+                raise ValueError(f"peft.name: {exc}") from None
         try:
             self.optimizer.check_distributed(dist.strategy, zero)
         except ValueError as exc:
