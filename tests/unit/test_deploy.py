@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-CRDS = ROOT.parent / "shared" / "kuberay-crds"
+CRDS = next((p for p in (ROOT.parent / "shared" / "kuberay-crds", Path("/work/shared/kuberay-crds"))
+             if p.exists()), ROOT.parent / "shared" / "kuberay-crds")  # beside the checkout, or the workplace's
 
 
 def test_compose_names_the_services() -> None:
