@@ -37,6 +37,22 @@ def adam_directions(exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor
     return list(directions), sqrt_bc2 / bc1
 
 
+def decayed_params(group: dict[str, Any]) -> list[Any]:
+    """The group's parameters that have a gradient (``p.grad`` set), after decoupled weight decay."""
+    params = [p for p in group["params"] if p.grad is not None]
+    lr, wd = group["lr"], group["weight_decay"]
+    if wd > 0 and params:
+        torch._foreach_mul_(params, 1 - lr * wd)
+    return params
+
+
+def ensure_moments(state: dict[str, Any], like: torch.Tensor) -> None:
+    """Zero Adam moments shaped like ``like`` (the gradient in the moments' coordinates), once."""
+    if "exp_avg" not in state:
+        state["exp_avg"] = torch.zeros_like(like)
+        state["exp_avg_sq"] = torch.zeros_like(like)
+
+
 @dataclass
 class Item:
     """One parameter's share of a step: its gradient in the coordinates its moments live in."""

@@ -17,9 +17,7 @@ it estimate the gradient (the ascent direction SAM needs), which is what the tes
 from collections.abc import Iterable
 from typing import Any
 
-import torch
-
-from algorithms.optimizers._adam import Item, run_adam
+from algorithms.optimizers._adam import Item, decayed_params, ensure_moments, run_adam
 from algorithms.optimizers.zeroth_order import Target, ZerothOrderSAM, full_space_targets
 
 
@@ -36,16 +34,12 @@ class AdaZoSAM(ZerothOrderSAM):
 
     def update(self) -> None:
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
-            params = [p for p in group["params"] if p.grad is not None]
-            if wd > 0 and params:
-                torch._foreach_mul_(params, 1 - lr * wd)
+            lr = group["lr"]
+            params = decayed_params(group)
             items = []
             for p in params:
                 state = self.state[p]
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
+                ensure_moments(state, p)
                 state["step"] = int(state.get("step", 0)) + 1
                 items.append(Item(p, state, p.grad, None))
             beta1, beta2 = group["betas"]

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from algorithms.optimizers._adam import Item, run_adam
+from algorithms.optimizers._adam import Item, decayed_params, ensure_moments, run_adam
 from algorithms.optimizers.projection import dct_matrix
 
 
@@ -93,10 +93,8 @@ class DCT(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
-            params = [p for p in group["params"] if p.grad is not None]
-            if wd > 0 and params:
-                torch._foreach_mul_(params, 1 - lr * wd)
+            lr = group["lr"]
+            params = decayed_params(group)
             items: list[Item] = []
             for p in params:
                 state = self.state[p]
@@ -113,9 +111,7 @@ class DCT(torch.optim.Optimizer):
                     else:
                         vecs = self._vectors(p, state["indices"])
                         grad = grad @ vecs if side == "right" else vecs.mT @ grad
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(grad)
-                    state["exp_avg_sq"] = torch.zeros_like(grad)
+                ensure_moments(state, grad)
                 state["step"] = step
                 items.append(Item(p, state, grad, side))  # type: ignore[arg-type]
             beta1, beta2 = group["betas"]

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from algorithms.optimizers._adam import Item, run_adam
+from algorithms.optimizers._adam import Item, ensure_moments, run_adam
 from algorithms.optimizers.projection import add_back_, galore_side, project, svd_basis, transfer_moments_
 
 
@@ -79,9 +79,7 @@ class GaLore(torch.optim.Optimizer):
                         if new[1] is not None:
                             state["proj_right"] = new[1]
                     grad = project(grad, state["proj"], side, state.get("proj_right"))
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(grad)
-                    state["exp_avg_sq"] = torch.zeros_like(grad)
+                ensure_moments(state, grad)
                 state["step"] = step + 1
                 items.append(Item(p, state, grad, side))
             beta1, beta2 = group["betas"]

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from algorithms.optimizers._adam import Item, run_adam
+from algorithms.optimizers._adam import Item, decayed_params, ensure_moments, run_adam
 from algorithms.optimizers.projection import (
     Side,
     add_back_,
@@ -94,10 +94,8 @@ class Lorenza(ZerothOrderSAM):
     def update(self) -> None:
         step_no = int(self.param_groups[0]["zo_step"])
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
-            params = [p for p in group["params"] if p.grad is not None]
-            if wd > 0 and params:
-                torch._foreach_mul_(params, 1 - lr * wd)
+            lr = group["lr"]
+            params = decayed_params(group)
             items: list[Item] = []
             for p in params:
                 state = self.state[p]
@@ -113,9 +111,7 @@ class Lorenza(ZerothOrderSAM):
                             transfer_moments_(state["exp_avg"], state["exp_avg_sq"], side, (state["proj"], None), new)
                         state["proj"] = new[0]
                     grad = project(grad, state["proj"], side)
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(grad)
-                    state["exp_avg_sq"] = torch.zeros_like(grad)
+                ensure_moments(state, grad)
                 state["step"] = step + 1
                 items.append(Item(p, state, grad, side))
             beta1, beta2 = group["betas"]
