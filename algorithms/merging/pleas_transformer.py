@@ -107,6 +107,23 @@ def _kwargs(item: Batch) -> dict[str, torch.Tensor]:
     raise ValueError(f"pleas: a data item must be token ids, a tuple of them or a dict, got {type(item).__name__}")
 
 
+def _run_masked(model: nn.Module, batches: Sequence[Batch], mask: list[torch.Tensor]) -> None:
+    """Run ``model`` in eval mode over the batches; before each, ``mask[0]`` is set to the batch's
+    flattened attention mask (all tokens when it has none) for the hooks to select rows with."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for item in batches:
+                kw = _kwargs(item)
+                am = kw.get("attention_mask")
+                n = kw["input_ids"].numel()
+                mask[:] = [am.reshape(-1).bool() if am is not None else torch.ones(n, dtype=torch.bool)]
+                model(**kw)
+    finally:
+        model.train(was)
+
+
 def capture(model: nn.Module, batches: Sequence[Batch]) -> Activations:
     """Inputs/outputs of every Linear and the residual stream at every layer boundary, one row per
     (unmasked) token."""
@@ -145,20 +162,11 @@ def capture(model: nn.Module, batches: Sequence[Batch]) -> Activations:
     handles.append(inner.embed_tokens.register_forward_hook(resid_hook("embed")))  # type: ignore[union-attr]
     for i, layer in enumerate(inner.layers):  # type: ignore[union-attr,arg-type]
         handles.append(layer.register_forward_hook(resid_hook(f"layer{i}")))
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            for item in batches:
-                kw = _kwargs(item)
-                am = kw.get("attention_mask")
-                n = kw["input_ids"].numel()
-                mask[:] = [am.reshape(-1).bool() if am is not None else torch.ones(n, dtype=torch.bool)]
-                model(**kw)
+        _run_masked(model, batches, mask)
     finally:
         for h in handles:
             h.remove()
-        model.train(was)
     return acts.cat()
 
 
@@ -352,17 +360,8 @@ def _inputs_of(model: nn.Module, module: nn.Module, batches: Sequence[Batch]) ->
         got.append(args[0].detach().reshape(-1, args[0].shape[-1]).double()[mask[0]])
 
     handle = module.register_forward_hook(hook)
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            for item in batches:
-                kw = _kwargs(item)
-                am = kw.get("attention_mask")
-                n = kw["input_ids"].numel()
-                mask[:] = [am.reshape(-1).bool() if am is not None else torch.ones(n, dtype=torch.bool)]
-                model(**kw)
+        _run_masked(model, batches, mask)
     finally:
         handle.remove()
-        model.train(was)
     return torch.cat(got)
