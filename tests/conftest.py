@@ -61,6 +61,24 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator["object"]:
         s.stop()
 
 
+@pytest.fixture(scope="module")
+def ray_on_stack(stack):  # type: ignore[no-untyped-def]
+    """This process connected to the stack's Ray, for tests that run Ray Train themselves.
+
+    Ray workers import the test modules (functions handed to Ray Train) from the repository root.
+    """
+    import ray
+
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join([str(root), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])
+    ray.init(address=f"127.0.0.1:{stack.gcs_port}", runtime_env={"env_vars": {"PYTHONPATH": path}},
+             log_to_driver=False)
+    try:
+        yield stack
+    finally:
+        ray.shutdown()
+
+
 @dataclass
 class ApiProcess:
     url: str

@@ -11,7 +11,6 @@
 """
 
 import copy
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ from service.spec import ExperimentSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 8
 
 
@@ -70,20 +68,6 @@ def _train_many(config: dict[str, Any]) -> None:
         ray.train.get_checkpoint = lambda: None  # type: ignore[assignment]  # a fresh run, not a resume
         train_worker({"spec": run["spec"], "mlflow_uri": config["mlflow_uri"],
                       "mlflow_run_id": run["mlflow_run_id"], "log_spec": False})
-
-
-@pytest.fixture(scope="module")
-def ray_on_stack(stack):  # type: ignore[no-untyped-def]
-    import ray
-
-    # The workers import this test module (for _train_many) from the repository root.
-    path = os.pathsep.join([str(ROOT), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])
-    ray.init(address=f"127.0.0.1:{stack.gcs_port}", runtime_env={"env_vars": {"PYTHONPATH": path}},
-             log_to_driver=False)
-    try:
-        yield stack
-    finally:
-        ray.shutdown()
 
 
 def new_run(mlflow: MlflowClient, name: str) -> str:

@@ -14,20 +14,6 @@ from service.spec import ExperimentSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def ray_on_stack(stack):  # type: ignore[no-untyped-def]
-    import ray
-
-    path = os.pathsep.join([str(ROOT), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])
-    ray.init(address=f"127.0.0.1:{stack.gcs_port}", runtime_env={"env_vars": {"PYTHONPATH": path}},
-             log_to_driver=False)
-    try:
-        yield stack
-    finally:
-        ray.shutdown()
 
 
 def test_peft_run_resumes_and_logs_a_loadable_adapter(ray_on_stack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
