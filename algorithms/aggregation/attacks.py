@@ -49,6 +49,23 @@ def gaussian(std: float = 1.0) -> AttackFn:
     return attack
 
 
+def uniform(low: float = 0.0, high: float = 1.0) -> AttackFn:
+    """Every liar sends independent ``U[low, high)`` numbers (the Flag authors' "random" attack draws
+    ``U[0, 1)``: unlike zero-mean noise, all liars then point near the all-ones direction)."""
+
+    def attack(honest: Tensor, f: int, gen: torch.Generator) -> Tensor:
+        shape = (f, honest.shape[1])
+        if honest.device.type == "cpu":
+            u = torch.rand(shape, generator=gen, dtype=honest.dtype)
+        else:  # as gaussian: a generator on the tensor's device, seeded from the given one
+            seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+            dev_gen = torch.Generator(device=honest.device).manual_seed(seed)
+            u = torch.rand(shape, generator=dev_gen, dtype=honest.dtype, device=honest.device)
+        return low + (high - low) * u
+
+    return attack
+
+
 def alie_z(n: int, f: int) -> float:
     """Baruch et al.'s z_max: ``s = floor(n/2 + 1) - f`` workers must be won over, and
     ``z = Phi^-1((n - s) / n)``."""
@@ -84,6 +101,7 @@ def ipm(epsilon: float = 0.1) -> AttackFn:
 _ATTACKS: dict[str, Callable[..., AttackFn]] = {
     "sign_flip": sign_flip,
     "gaussian": gaussian,
+    "uniform": uniform,
     "alie": alie,
     "ipm": ipm,
 }

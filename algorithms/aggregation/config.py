@@ -6,7 +6,7 @@ refuses an ``f`` the rule cannot tolerate with ``n`` workers.
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from algorithms._config import StrictModel
 
@@ -79,13 +79,15 @@ class GeometricMedianConfig(RuleBase):
 class FlagConfig(RuleBase):
     """Flag Aggregator (Almasi et al., ICLR 2024): IRLS flag median of the normalised gradients.
 
-    ``max_iter`` is the fixed IRLS budget (the authors' code hard-codes 1); ``eps`` perturbs the
+    ``max_iter`` is the IRLS budget (the authors' ``flag`` GAR hard-codes 1 iteration, their
+    ``flag_median`` 4; ours also stops when the objective stops decreasing); ``eps`` perturbs the
     IRLS weights (sin^2 + eps)^(-1/4) (1e-7 in the authors' code); ``lam`` weights the pairwise
     difference terms of the regularised objective (0 in the authors' default runs).
     """
 
     name: Literal["flag"]
-    r: int | None = Field(default=None, ge=1, description="subspace dimension; default n - f")
+    r: int | None = Field(default=None, ge=1,
+                          description="subspace dimension; default ceil(n / 2), as in the authors' runs")
     max_iter: int = Field(default=5, ge=1, le=1000)
     eps: float = Field(default=1e-7, gt=0.0)
     lam: float = Field(default=0.0, ge=0.0, description="coefficient of the pairwise terms")
@@ -119,6 +121,20 @@ class GaussianAttack(StrictModel):
     std: float = Field(default=1.0, gt=0.0)
 
 
+class UniformAttack(StrictModel):
+    """Every liar sends U[low, high) noise (the Flag authors' "random" attack is U[0, 1))."""
+
+    name: Literal["uniform"]
+    low: float = 0.0
+    high: float = 1.0
+
+    @model_validator(mode="after")
+    def _check_range(self) -> "UniformAttack":
+        if not self.high > self.low:
+            raise ValueError(f"uniform attack needs high > low (got low={self.low}, high={self.high})")
+        return self
+
+
 class ALIEAttack(StrictModel):
     """A little is enough (Baruch et al. 2019): every liar sends mean - z * std of the honest rows."""
 
@@ -136,6 +152,6 @@ class LabelFlipAttack(StrictModel):
 
 
 AttackConfig = Annotated[
-    SignFlipAttack | GaussianAttack | ALIEAttack | IPMAttack | LabelFlipAttack,
+    SignFlipAttack | GaussianAttack | UniformAttack | ALIEAttack | IPMAttack | LabelFlipAttack,
     Field(discriminator="name"),
 ]

@@ -117,7 +117,8 @@ class Flag(LinearRule):
             raise ValueError(f"flag r={self.r} exceeds n={n}")
 
     def columns(self, n: int) -> int:
-        return self.r if self.r is not None else n - self.f
+        """``r``; by default ``ceil(n / 2)``, the authors' runs (``r_col`` 8 of 15 workers, 4 of 7)."""
+        return self.r if self.r is not None else (n + 1) // 2
 
     def plan(self, stats: Tensor | None, n: int) -> Tensor:
         assert stats is not None

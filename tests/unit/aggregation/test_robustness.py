@@ -45,7 +45,7 @@ def test_identical_gradients_come_back_unchanged_in_direction(name: str) -> None
     if name != "flag":  # flag returns (n / r) * g / |g| by construction
         torch.testing.assert_close(agg, g, rtol=1e-5, atol=1e-6)
     else:
-        torch.testing.assert_close(agg, g / g.norm() * 11 / 9, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(agg, g / g.norm() * 11 / 6, rtol=1e-5, atol=1e-6)  # r = ceil(11 / 2)
 
 
 def test_attacks_follow_their_definitions() -> None:
@@ -69,6 +69,19 @@ def test_gaussian_attack_is_seeded() -> None:
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert float(a.mean()) == pytest.approx(0.0, abs=0.05) and float(a.std()) == pytest.approx(2.0, rel=0.02)
     assert not torch.equal(a[0], a[1])
+
+
+def test_uniform_attack_draws_the_authors_random_gradients() -> None:
+    _, honest = honest_grads(5, 20_000, noise=0.5, seed=1)
+    atk = build_attack_from_config(C.UniformAttack(name="uniform"))
+    a = atk(honest, 2, torch.Generator().manual_seed(7))
+    assert torch.equal(a, atk(honest, 2, torch.Generator().manual_seed(7)))
+    assert float(a.min()) >= 0.0 and float(a.max()) < 1.0 and float(a.mean()) == pytest.approx(0.5, abs=0.01)
+    assert not torch.equal(a[0], a[1])
+    b = build_attack("uniform", low=-2.0, high=-1.0)(honest, 1, torch.Generator().manual_seed(0))
+    assert float(b.min()) >= -2.0 and float(b.max()) < -1.0
+    with pytest.raises(ValueError, match="high > low"):
+        C.UniformAttack(name="uniform", low=1.0, high=1.0)
 
 
 def test_label_flip_has_no_gradient_function_and_unknown_attacks_are_named() -> None:
