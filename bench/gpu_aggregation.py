@@ -192,6 +192,31 @@ def _rules_for_size(x: torch.Tensor, f: int, reps: int, ref_reps: int,
     return cells, notes
 
 
+def profile(rule_name: str, sizes: list[int], n: int, device: torch.device, reps: int) -> None:
+    """Where one rule's time goes: its time at a few block sizes (``chunk``), then torch.profiler's
+    table of the top operators and kernels at the default block size."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for d in sizes:
+        x = grads(n, d, device)
+        for chunk in (1 << 20, 1 << 22, 1 << 24, 1 << 26):
+            ms, _ = timed(lambda c=chunk, x=x: build(rule_name, f=3, chunk=c)(x), device, reps)  # type: ignore[misc]
+            print(f"{rule_name} d={d / 1e6:g}M chunk={chunk}: {ms:.2f} ms", flush=True)
+        rule = build(rule_name, f=3)
+        rule(x)
+        sync(device)
+        with torch_profile(activities=acts) as prof:
+            for _ in range(reps):
+                rule(x)
+            sync(device)
+        key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(f"\n{rule_name} d={d / 1e6:g}M, {reps} calls:")
+        print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
+        del x
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
@@ -205,12 +230,16 @@ def main() -> None:
     ap.add_argument("--ref-reps", type=int, default=2)
     ap.add_argument("--ref-path", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU smoke test")
+    ap.add_argument("--profile", default=None, metavar="RULE", help="profile one rule (one process) and stop")
     args = ap.parse_args()
     if args.quick:
         args.sizes, args.reps, args.ref_reps = [2e4, 1e5], 2, 1
     sizes = [int(s) for s in args.sizes]
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 16)) if args.device != "cpu" else 1)
 
+    if args.profile:
+        profile(args.profile, sizes, args.n, torch.device(args.device), args.reps)
+        return
     world = int(os.environ.get("WORLD_SIZE", "1"))
     lines: list[str] = []
     if world > 1:

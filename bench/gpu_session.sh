@@ -5,6 +5,9 @@
 #   bash bench/gpu_session.sh single   # one GPU each: DeepSpeed (GPU 0) | optimizers, PEFT, aggregation (GPU 1)
 #   bash bench/gpu_session.sh ds1 ds collectives   # DeepSpeed on 1 GPU and on all, collectives and exchanges
 #   bash bench/gpu_session.sh largest  # ZeRO-3 + CPU offload, the largest Llama that trains
+#   bash bench/gpu_session.sh compile         # torch.compile: 1 GPU at micro 8 and 16 (+ 2 GPUs on a 4+ GPU host)
+#   bash bench/gpu_session.sh compile_all     # torch.compile on every GPU (scaling against `compile`)
+#   bash bench/gpu_session.sh coding collectives4   # gradient coding across GPUs; aggregation + exchanges
 # Each benchmark's output goes to $OUT/<name>.log (or ./gpu-logs) as it runs.
 set -u
 source .whl/install.sh || exit 1
@@ -20,6 +23,15 @@ run() {  # run NAME SECONDS CMD...: one benchmark, its output kept even if it ti
   local t0=$SECONDS
   timeout "$secs" "$@" >> "$out/$name.log" 2>&1
   echo "== exit $? after $((SECONDS - t0)) s" >> "$out/$name.log"
+}
+dsc() {  # dsc GPUS DEVICES|all MICRO SECONDS: the DeepSpeed bench with torch.compile, both paths
+  local n=$1 devs=$2 mb=$3 secs=$4
+  if [ "$devs" = all ]; then
+    run deepspeed_${n}gpu_compile_mb$mb "$secs" python3 bench/gpu_deepspeed.py --gpus "$n" --micro-batch "$mb" --compile
+  else
+    CUDA_VISIBLE_DEVICES=$devs run deepspeed_${n}gpu_compile_mb$mb "$secs" \
+      python3 bench/gpu_deepspeed.py --gpus "$n" --micro-batch "$mb" --compile
+  fi
 }
 for phase in "$@"; do
 case "$phase" in
@@ -48,6 +60,36 @@ case "$phase" in
     ;;
   collectives)  # robust exchange and aggregation across every GPU
     run aggregation_${ngpu}gpu 150 torchrun --nproc_per_node "$ngpu" bench/gpu_aggregation.py --ref-path .ref/FlagAggregator --sizes 1e6 5e6 25e6 100e6
+    run exchange_${ngpu}gpu 120 torchrun --nproc_per_node "$ngpu" bench/gpu_exchange.py --iters 5
+    ;;
+  compile)  # 1 GPU (micro 8 and 16) and 2 GPUs (micro 8), side by side on separate GPUs where there are 4+
+    if [ "$ngpu" -ge 4 ]; then
+      dsc 1 0 8 540 &
+      dsc 2 1,2 8 540 &
+      (CUDA_VISIBLE_DEVICES=3 run flag_profile 60 python3 bench/gpu_aggregation.py --profile flag --reps 3
+       dsc 1 3 16 470) &
+      wait
+    elif [ "$ngpu" -ge 2 ]; then  # 2 GPUs: both 1-GPU runs side by side; the 2-GPU run is compile_all's
+      dsc 1 0 8 540 &
+      (CUDA_VISIBLE_DEVICES=1 run flag_profile 60 python3 bench/gpu_aggregation.py --profile flag --reps 3
+       dsc 1 1 16 470) &
+      wait
+    else
+      dsc 1 0 8 540
+    fi
+    ;;
+  compile_all)
+    dsc "$ngpu" all "${MB:-16}" 360
+    ;;
+  coding)  # Ray actors on the GPUs (one each, then two per GPU), a char-level Llama (13M), one straggler per round
+    for w in "$ngpu" $((2 * ngpu)); do
+      run coding_${ngpu}gpu_${w}workers 200 env PYTHONPATH="$PWD:$PYTHONPATH" python3 bench/straggler_coding.py --gpu \
+        --workers "$w" --model llama --llama 512 4 --seq 512 --batch 64 --stragglers 1 --delays 5 20 --steps 12 \
+        --methods wait_all gc --no-check --num-cpus 16 --object-store-gb 8
+    done
+    ;;
+  collectives4)  # as collectives, at the sizes only (no reference: it fails at >= 25M)
+    run aggregation_${ngpu}gpu 150 torchrun --nproc_per_node "$ngpu" bench/gpu_aggregation.py --sizes 25e6 100e6
     run exchange_${ngpu}gpu 120 torchrun --nproc_per_node "$ngpu" bench/gpu_exchange.py --iters 5
     ;;
   largest)
