@@ -162,6 +162,7 @@ def _rules_for_size(x: torch.Tensor, f: int, reps: int, ref_reps: int,
     cells: dict[str, str] = {}
     notes: list[str] = []
     ours_flag1 = None
+    flag1_cols = n - f
     for name, params in RULES:
         label = name + (f" (max_iter={params['max_iter']})" if "max_iter" in params else "")
         rule = build(name, **params)
@@ -169,7 +170,7 @@ def _rules_for_size(x: torch.Tensor, f: int, reps: int, ref_reps: int,
             ms, out = timed(lambda rule=rule: rule(x), x.device, reps)  # type: ignore[misc]
             cells[label] = f"{ms:.1f}"
             if label == "flag (max_iter=1)":
-                ours_flag1 = out
+                ours_flag1, flag1_cols = out, rule.columns(n)  # type: ignore[attr-defined]
         except torch.cuda.OutOfMemoryError:
             cells[label] = "OOM"
         print(f"  d={d}: {label} {cells[label]} ms", flush=True)
@@ -177,7 +178,7 @@ def _rules_for_size(x: torch.Tensor, f: int, reps: int, ref_reps: int,
         label = "flag, authors' reference (1 IRLS iteration)"
         rows_list = list(x.unbind(0))
         try:
-            ms, out = timed(lambda: reference(gradients=rows_list, r_col=n - f), x.device, ref_reps)
+            ms, out = timed(lambda: reference(gradients=rows_list, r_col=flag1_cols), x.device, ref_reps)
             cells[label] = f"{ms:.1f}"
             if ours_flag1 is not None:
                 ref = out.reshape(-1).to(ours_flag1.device, torch.float64)
