@@ -178,3 +178,23 @@ def test_part_sizes_sum_and_refuse_empty_parts() -> None:
     assert sum(part_sizes([1 / 7] * 7, 64)) == 64
     with pytest.raises(ValueError, match="empty"):
         part_sizes([0.9, 0.1], 5)
+
+
+def test_wire_is_numpy_and_reads_back_without_copy_or_warning() -> None:
+    """What RayPool sends through the object store: numpy (Ray stores and reads it zero-copy);
+    the read-only arrays Ray hands back become tensors without a copy and without a warning."""
+    import warnings
+
+    import numpy as np
+
+    from workers.parameter_server import from_wire, to_wire
+
+    t = torch.arange(6, dtype=torch.float64)
+    a = to_wire(t)
+    assert isinstance(a, np.ndarray) and a.dtype == np.float64
+    a.setflags(write=False)  # as an array from the object store
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = from_wire(a)
+    assert torch.equal(back, t) and back.data_ptr() == a.ctypes.data
+    assert from_wire(t) is t  # in-process pools pass tensors through
