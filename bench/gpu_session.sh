@@ -63,16 +63,12 @@ case "$phase" in
     run exchange_${ngpu}gpu 120 torchrun --nproc_per_node "$ngpu" bench/gpu_exchange.py --iters 5
     ;;
   compile)  # 1 GPU (micro 8 and 16) and 2 GPUs (micro 8), side by side on separate GPUs where there are 4+
-    if [ "$ngpu" -ge 4 ]; then
+    if [ "$ngpu" -ge 2 ]; then  # with 2-3 GPUs the 2-GPU run is compile_all's
+      last=$((ngpu >= 4 ? 3 : 1))  # the GPU for Flag's profile and micro-batch 16
       dsc 1 0 8 540 &
-      dsc 2 1,2 8 540 &
-      (CUDA_VISIBLE_DEVICES=3 run flag_profile 60 python3 bench/gpu_aggregation.py --profile flag --reps 3
-       dsc 1 3 16 470) &
-      wait
-    elif [ "$ngpu" -ge 2 ]; then  # 2 GPUs: both 1-GPU runs side by side; the 2-GPU run is compile_all's
-      dsc 1 0 8 540 &
-      (CUDA_VISIBLE_DEVICES=1 run flag_profile 60 python3 bench/gpu_aggregation.py --profile flag --reps 3
-       dsc 1 1 16 470) &
+      [ "$ngpu" -lt 4 ] || dsc 2 1,2 8 540 &
+      (CUDA_VISIBLE_DEVICES=$last run flag_profile 60 python3 bench/gpu_aggregation.py --profile flag --reps 3
+       dsc 1 "$last" 16 470) &
       wait
     else
       dsc 1 0 8 540

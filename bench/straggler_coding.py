@@ -58,10 +58,15 @@ def make_task(args: argparse.Namespace) -> dict[str, Any]:
                       else {"name": "cnn", "channels": args.channels, "hidden": args.hidden})}
 
 
+def gpu_share(args: argparse.Namespace) -> float:
+    """GPUs per worker actor: one each, or a share of one when there are more workers than GPUs."""
+    return min(1.0, max(1, torch.cuda.device_count()) / args.workers) if args.gpu else 0.0
+
+
 def make_spec(args: argparse.Namespace, coding: dict[str, Any] | None = None) -> ExperimentSpec:
     res: dict[str, float] = {"CPU": args.num_cpus / args.workers}
-    if args.gpu:  # one GPU per worker, or a share of one when there are more workers than GPUs
-        res["GPU"] = min(1.0, max(1, torch.cuda.device_count()) / args.workers)
+    if args.gpu:
+        res["GPU"] = gpu_share(args)
     return ExperimentSpec.model_validate({
         "name": "bench-straggler-coding",
         "task": make_task(args),
@@ -178,9 +183,9 @@ def bench(args: argparse.Namespace) -> None:
     model = {"mlp": f"digits, MLP {args.hidden}x{args.hidden}",
              "cnn": f"digits, CNN channels {args.channels} hidden {args.hidden}",
              "llama": f"char corpus, Llama hidden {args.llama[0]} x {args.llama[1]} layers, seq {args.seq}"}[args.model]
-    share = min(1.0, torch.cuda.device_count() / args.workers) if args.gpu else 0.0
-    where = f"{args.num_cpus} CPUs" + (f", {share:g} of a GPU each ({torch.cuda.device_count()} x {gpu_name()})"
-                                       if args.gpu else "")
+    where = f"{args.num_cpus} CPUs"
+    if args.gpu:
+        where += f", {gpu_share(args):g} of a GPU each ({torch.cuda.device_count()} x {gpu_name()})"
     print(f"\nn={args.workers} Ray actors on {where}, {model}, "
           f"batch {args.batch}, {args.steps} steps per method, pattern (B={args.burst}, W={args.window}, "
           f"lambda=s), no-straggler step {base_ms:.1f} ms, total {time.perf_counter() - t_start:.0f} s\n")

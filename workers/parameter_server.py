@@ -364,7 +364,7 @@ class RayPool:
         self.ray.get([a.configure.remote(layout.sizes, layout.keep, wire) for a in self.actors])
 
     def put(self, value: torch.Tensor) -> Any:
-        return self.ray.put(value.numpy())  # numpy: zero-copy through the object store (see to_wire)
+        return self.ray.put(to_wire(value))
 
     def submit(self, worker: int, round: int, items: list[WorkItem], weights: list[Any]) -> Any:
         delay = None if self.delay_fn is None else self.delay_fn(round, worker)
