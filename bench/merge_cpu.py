@@ -176,6 +176,16 @@ def run_lm_seed(seed: int, args: argparse.Namespace) -> dict[str, float]:
     return res
 
 
+def print_table(runs: list[dict[str, float]], column: str) -> None:
+    """One row per method: the mean over the seeds' runs, +- their standard deviation."""
+    print(f"| method | {column} |\n| --- | --- |")
+    for key in runs[0]:
+        vals = [r[key] for r in runs]
+        sd = f" +- {statistics.stdev(vals):.3f}" if len(vals) > 1 else ""
+        print(f"| {key} | {statistics.mean(vals):.3f}{sd} |")
+    print(flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 seed: MLP and Llama")
@@ -196,23 +206,13 @@ def main() -> None:
             runs = [run_seed(arch, setting, s, args) for s in range(seeds)]
             print(f"### {arch.upper()} ({'hidden [64, 64]' if arch == 'mlp' else 'channels [8, 16], hidden 64'}), "
                   f"{setting}\n")
-            print("| method | test accuracy |\n| --- | --- |")
-            for key in runs[0]:
-                vals = [r[key] for r in runs]
-                sd = f" +- {statistics.stdev(vals):.3f}" if len(vals) > 1 else ""
-                print(f"| {key} | {statistics.mean(vals):.3f}{sd} |")
-            print(flush=True)
+            print_table(runs, "test accuracy")
     lm_seeds = min(1, args.lm_seeds) if args.quick else args.lm_seeds
     if lm_seeds:
         runs = [run_lm_seed(s, args) for s in range(lm_seeds)]
         print(f"### Llama (hidden 64, 2 layers, 4 heads / 2 kv heads, MLP 128), char corpus halves, diff-init, "
               f"{args.lm_steps} steps each; mean +- std over {lm_seeds} seed(s)\n")
-        print("| method | validation loss (nats/char) |\n| --- | --- |")
-        for key in runs[0]:
-            vals = [r[key] for r in runs]
-            sd = f" +- {statistics.stdev(vals):.3f}" if len(vals) > 1 else ""
-            print(f"| {key} | {statistics.mean(vals):.3f}{sd} |")
-        print(flush=True)
+        print_table(runs, "validation loss (nats/char)")
     print(f"total {time.perf_counter() - t0:.0f} s")
 
 
