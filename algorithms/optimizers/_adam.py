@@ -37,6 +37,12 @@ def adam_directions(exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor
     return list(directions), sqrt_bc2 / bc1
 
 
+def check_moments_on_change(value: str) -> None:
+    """What the projected optimizers do with their moments when the subspace changes."""
+    if value not in ("project", "keep"):
+        raise ValueError(f"moments_on_change must be 'project' or 'keep', not {value!r}")
+
+
 def decayed_params(group: dict[str, Any]) -> list[Any]:
     """The group's parameters that have a gradient (``p.grad`` set), after decoupled weight decay."""
     params = [p for p in group["params"] if p.grad is not None]

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from algorithms.optimizers._adam import Item, decayed_params, ensure_moments, run_adam
+from algorithms.optimizers._adam import Item, check_moments_on_change, decayed_params, ensure_moments, run_adam
 from algorithms.optimizers.projection import dct_matrix
 
 
@@ -45,8 +45,7 @@ class DCT(torch.optim.Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, rank: int = 128, update_proj_gap: int = 200,
                  scale: float = 1.0, moments_on_change: str = "project", selection_norm: float = 1.0,
                  low_rank: bool = True) -> None:
-        if moments_on_change not in ("project", "keep"):
-            raise ValueError(f"moments_on_change must be 'project' or 'keep', not {moments_on_change!r}")
+        check_moments_on_change(moments_on_change)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
                         update_proj_gap=update_proj_gap, scale=scale, moments_on_change=moments_on_change,
                         selection_norm=selection_norm, low_rank=low_rank)

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from algorithms.optimizers._adam import Item, ensure_moments, run_adam
+from algorithms.optimizers._adam import Item, check_moments_on_change, ensure_moments, run_adam
 from algorithms.optimizers.projection import add_back_, galore_side, project, svd_basis, transfer_moments_
 
 
@@ -43,8 +43,7 @@ class GaLore(torch.optim.Optimizer):
                  eps: float = 1e-6, weight_decay: float = 0.0, rank: int = 128, update_proj_gap: int = 200,
                  scale: float = 0.25, proj_type: str = "std", moments_on_change: str = "project",
                  low_rank: bool = True) -> None:
-        if moments_on_change not in ("project", "keep"):
-            raise ValueError(f"moments_on_change must be 'project' or 'keep', not {moments_on_change!r}")
+        check_moments_on_change(moments_on_change)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
                         update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
                         moments_on_change=moments_on_change, low_rank=low_rank)

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from algorithms.optimizers._adam import Item, decayed_params, ensure_moments, run_adam
+from algorithms.optimizers._adam import Item, check_moments_on_change, decayed_params, ensure_moments, run_adam
 from algorithms.optimizers.projection import (
     Side,
     add_back_,
@@ -55,8 +55,7 @@ class Lorenza(ZerothOrderSAM):
                  scale: float = 0.25, oversampling: int = 8, power_iters: int = 1, plus: bool = False,
                  rho: float = 0.05, mu: float = 1e-3, n_directions: int = 1, moments_on_change: str = "project",
                  low_rank: bool = True, seed: int | None = None) -> None:
-        if moments_on_change not in ("project", "keep"):
-            raise ValueError(f"moments_on_change must be 'project' or 'keep', not {moments_on_change!r}")
+        check_moments_on_change(moments_on_change)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
                         update_proj_gap=update_proj_gap, scale=scale, oversampling=oversampling,
                         power_iters=power_iters, plus=plus, rho=rho, mu=mu, n_directions=n_directions,
