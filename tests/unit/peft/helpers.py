@@ -40,3 +40,14 @@ def lm_batch(seed: int = 0, n: int = 4, t: int = 12) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, 64, (n, t), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def hooked_step(handle, opt, step: int, batch: dict[str, torch.Tensor]) -> None:  # type: ignore[no-untyped-def]
+    """One optimizer step with the PEFT handle's hooks where the worker loop calls them."""
+    handle.on_step_start(step, handle.model)
+    loss = handle.model(**batch)["loss"]
+    handle.before_backward(step, handle.model)
+    loss.backward()
+    handle.after_backward(step, handle.model)
+    opt.step()
+    opt.zero_grad(set_to_none=True)

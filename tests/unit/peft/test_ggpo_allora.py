@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from algorithms.peft.config import ALLoRAConfig
 from algorithms.peft.lora import lora_pairs
 from algorithms.peft.registry import apply
-from tests.unit.peft.helpers import TinyMLP, mlp_batch
+from tests.unit.peft.helpers import TinyMLP, hooked_step, mlp_batch
 
 
 def _sgd(params: list[torch.nn.Parameter], lr: float) -> None:
@@ -47,13 +47,7 @@ def test_ggpo_step_matches_manual_computation() -> None:
 
     opt = torch.optim.SGD(handle.param_groups(handle.model, lr))
     for step in range(3):
-        handle.on_step_start(step, handle.model)
-        loss = handle.model(**mlp_batch(step))["loss"]
-        handle.before_backward(step, handle.model)
-        loss.backward()
-        handle.after_backward(step, handle.model)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        hooked_step(handle, opt, step, mlp_batch(step))
 
     # independent re-computation of the rule in the module docstring: W' formed explicitly,
     # noise drawn per group of same-shape layers (module order), one call per group

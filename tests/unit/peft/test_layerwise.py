@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from algorithms.peft.layerwise import find_blocks
 from algorithms.peft.registry import apply
-from tests.unit.peft.helpers import lm_batch, tiny_llama
+from tests.unit.peft.helpers import hooked_step, lm_batch, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +28,6 @@ def _changed_blocks(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> 
     return blocks, others
 
 
-def _step(handle, opt, step):  # type: ignore[no-untyped-def]
-    handle.on_step_start(step, handle.model)
-    loss = handle.model(**lm_batch(step)).loss
-    handle.before_backward(step, handle.model)
-    loss.backward()
-    handle.after_backward(step, handle.model)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
 @pytest.mark.parametrize("name", ["lisa", "owlore"])
 def test_exactly_the_sampled_layers_train(llama_dir: Path, name: str) -> None:
     torch.manual_seed(0)
@@ -49,7 +39,7 @@ def test_exactly_the_sampled_layers_train(llama_dir: Path, name: str) -> None:
     seen = []
     for step in range(4):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        _step(handle, opt, step)
+        hooked_step(handle, opt, step, lm_batch(step))
         active = handle.active  # type: ignore[attr-defined]
         assert len(active) == 2
         blocks, others = _changed_blocks(model, before)

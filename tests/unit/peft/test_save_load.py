@@ -8,7 +8,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from algorithms.peft.registry import apply
-from tests.unit.peft.helpers import lm_batch, tiny_llama
+from tests.unit.peft.helpers import hooked_step, lm_batch, tiny_llama
 
 pytestmark = pytest.mark.slow  # about 30 s on the 2-core dev box (EVA/CorDA inits, 8 save/load rounds)
 
@@ -21,13 +21,7 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _train(handle, steps: int = 3) -> None:  # type: ignore[no-untyped-def]
     opt = torch.optim.AdamW(handle.param_groups(handle.model, 5e-2))
     for step in range(steps):
-        handle.on_step_start(step, handle.model)
-        loss = handle.model(**lm_batch(step)).loss
-        handle.before_backward(step, handle.model)
-        loss.backward()
-        handle.after_backward(step, handle.model)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        hooked_step(handle, opt, step, lm_batch(step))
 
 
 CASES = [
