@@ -74,6 +74,11 @@ case "$phase" in
       dsc 1 0 8 540
     fi
     ;;
+  scaling)  # the 1- and 2-GPU baselines of compile_all on one 4+ GPU host, side by side (GPU 0 | GPUs 1,2)
+    dsc 1 0 "${MB:-16}" 400 &
+    dsc 2 1,2 "${MB:-16}" 400 &
+    wait
+    ;;
   compile_all)
     dsc "$ngpu" all "${MB:-16}" 360
     ;;
