@@ -43,7 +43,6 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algorithms.aggregation import gram_kernel  # noqa: E402
 from algorithms.aggregation.registry import build  # noqa: E402
 
 RULES: list[tuple[str, dict[str, Any]]] = [
@@ -219,42 +218,6 @@ def profile(rule_name: str, sizes: list[int], n: int, device: torch.device, reps
         del x
 
 
-def gram_sweep(sizes: list[int], n: int, device: torch.device, reps: int) -> None:
-    """The Gram kernel's launch settings against cuBLAS bmm on the same rows: ms, GB/s of ``X`` read,
-    and the largest difference from the bmm result (relative to its largest entry)."""
-    from algorithms.aggregation import base
-
-    print("| d | path | span | block_k | warps | precision | ms | GB/s | max rel diff vs bmm |")
-    print("| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
-    for d in sizes:
-        x = grads(n, d, device)
-        gigabytes = x.numel() * x.element_size() / 1e9
-        gram_kernel.ENABLED = False
-        ms, want = timed(lambda x=x: base.gram(x, False), device, reps)  # type: ignore[misc]
-        scale = float(want.abs().max())
-        print(f"| {d / 1e6:g}M | bmm | {base.GRAM_SPLIT} | - | - | fp32 | {ms:.3f} | {gigabytes / ms * 1e3:.0f} | 0 |")
-        for precision in ("ieee", "tf32x3"):
-            for span in (1024, 2048, 4096, 8192):
-                for block_k in (128, 256, 512):
-                    for warps in (4, 8):
-                        if block_k > span:
-                            continue
-                        def call(x: torch.Tensor = x, s: int = span, b: int = block_k, w: int = warps,
-                                 p: str = precision) -> torch.Tensor:
-                            return gram_kernel.gram_triton(x, False, span=s, block_k=b, num_warps=w, precision=p)
-                        try:
-                            ms, got = timed(call, device, reps)
-                        except Exception as exc:  # noqa: BLE001 - a setting the compiler refuses is a row
-                            print(f"| {d / 1e6:g}M | kernel | {span} | {block_k} | {warps} | {precision} | "
-                                  f"failed: {type(exc).__name__} ||||")
-                            continue
-                        diff = float((got - want).abs().max()) / scale
-                        print(f"| {d / 1e6:g}M | kernel | {span} | {block_k} | {warps} | {precision} | {ms:.3f} | "
-                              f"{gigabytes / ms * 1e3:.0f} | {diff:.1e} |", flush=True)
-        gram_kernel.ENABLED = True
-        del x
-
-
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
@@ -269,20 +232,12 @@ def main() -> None:
     ap.add_argument("--ref-path", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU smoke test")
     ap.add_argument("--profile", default=None, metavar="RULE", help="profile one rule (one process) and stop")
-    ap.add_argument("--gram-sweep", action="store_true", help="time the Gram kernel's settings against bmm and stop")
-    ap.add_argument("--gram", choices=["kernel", "bmm"], default="kernel",
-                    help="the rules' Gram matrix: the Triton kernel (where it runs) or cuBLAS bmm")
     args = ap.parse_args()
-    gram_kernel.ENABLED = args.gram == "kernel"
-    print(f"Gram matrix: {'Triton kernel' if gram_kernel.ENABLED and gram_kernel.triton else 'bmm'}", flush=True)
     if args.quick:
         args.sizes, args.reps, args.ref_reps = [2e4, 1e5], 2, 1
     sizes = [int(s) for s in args.sizes]
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 16)) if args.device != "cpu" else 1)
 
-    if args.gram_sweep:
-        gram_sweep(sizes, args.n, torch.device(args.device), args.reps)
-        return
     if args.profile:
         profile(args.profile, sizes, args.n, torch.device(args.device), args.reps)
         return

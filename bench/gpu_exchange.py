@@ -108,12 +108,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--rules", nargs="+", default=RULES)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--gram", choices=["kernel", "bmm"], default="kernel",
-                        help="the rules' Gram matrix: the Triton kernel (where it runs) or cuBLAS bmm")
     args = parser.parse_args()
-    from algorithms.aggregation import gram_kernel
-
-    gram_kernel.ENABLED = args.gram == "kernel"
 
     use_cuda = args.device == "cuda"
     dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -128,7 +123,6 @@ def main() -> None:
             torch.cuda.empty_cache()
     if rank == 0:
         name = torch.cuda.get_device_name(device) if use_cuda else "cpu"
-        print(f"Gram matrix: {'Triton kernel' if gram_kernel.ENABLED and gram_kernel.triton else 'bmm'}")
         print(f"world size {world} ({name}), float32 gradients, median of {args.iters} steps")
         print("| rule | exchange | d | f | ms/step | x all-reduce |")
         print("| --- | --- | --- | --- | --- | --- |")

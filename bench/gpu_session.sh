@@ -8,7 +8,6 @@
 #   bash bench/gpu_session.sh compile         # torch.compile: 1 GPU at micro 8 and 16 (+ 2 GPUs on a 4+ GPU host)
 #   bash bench/gpu_session.sh compile_all     # torch.compile on every GPU (scaling against `compile`)
 #   bash bench/gpu_session.sh coding collectives4   # gradient coding across GPUs; aggregation + exchanges
-#   bash bench/gpu_session.sh gram            # the Triton Gram kernel: GPU tests, rules and exchanges kernel vs bmm
 # Each benchmark's output goes to $OUT/<name>.log (or ./gpu-logs) as it runs.
 set -u
 source .whl/install.sh || exit 1
@@ -93,20 +92,6 @@ case "$phase" in
   collectives4)  # as collectives, at the sizes only (no reference: it fails at >= 25M)
     run aggregation_${ngpu}gpu 150 torchrun --nproc_per_node "$ngpu" bench/gpu_aggregation.py --sizes 25e6 100e6
     run exchange_${ngpu}gpu 120 torchrun --nproc_per_node "$ngpu" bench/gpu_exchange.py --iters 5
-    ;;
-  gram)  # the Triton Gram kernel: its tests on the GPU, then every rule and exchange with it and with bmm
-    run gram_tests 240 python3 -m pytest -q -p no:cacheprovider tests/unit/aggregation/test_gram_kernel.py
-    CUDA_VISIBLE_DEVICES=0 run gram_sweep 150 python3 bench/gpu_aggregation.py --gram-sweep --sizes 25e6 --reps 10
-    for g in kernel bmm; do
-      CUDA_VISIBLE_DEVICES=0 run aggregation_1gpu_$g 150 python3 bench/gpu_aggregation.py --sizes 25e6 100e6 --gram $g
-    done
-    CUDA_VISIBLE_DEVICES=0 run flag_profile_kernel 60 python3 bench/gpu_aggregation.py --profile flag --reps 3
-    if [ "$ngpu" -gt 1 ]; then
-      for g in kernel bmm; do
-        run exchange_${ngpu}gpu_$g 120 torchrun --nproc_per_node "$ngpu" bench/gpu_exchange.py --iters 5 --gram $g
-      done
-      run aggregation_${ngpu}gpu 150 torchrun --nproc_per_node "$ngpu" bench/gpu_aggregation.py --sizes 25e6 100e6
-    fi
     ;;
   largest)
     run largest 560 python3 bench/gpu_deepspeed.py --mode largest

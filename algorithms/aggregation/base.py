@@ -26,10 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from algorithms.aggregation import gram_kernel
-
 DEFAULT_CHUNK = 1 << 22  # coordinates per block when a rule runs over a whole tensor
-GRAM_SPLIT = 1 << 14  # coordinates per fp32 partial product inside one Gram matrix
+GRAM_SPLIT = 1 << 14  # coordinates per partial product inside one Gram matrix
 
 
 @dataclass
@@ -62,8 +60,6 @@ def gram(block: Tensor, centered: bool) -> Tensor:
     which are all Krum and Weiszfeld need, are unchanged by it, and the cancellation in
     ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j`` is avoided). Per-coordinate centring is additive over blocks.
     """
-    if gram_kernel.available(block):  # one pass on the GPU, same sums (see gram_kernel)
-        return gram_kernel.gram_triton(block, centered)
     x = block if block.dtype == torch.float64 else block.float()
     if centered:
         x = x - x.mean(dim=0, keepdim=True)
