@@ -3,9 +3,10 @@ every worker's gradient, with the simulated Byzantine workers' rows replaced by 
 
 Plain ``mean`` without attacks needs none of this: DDP's (or DeepSpeed's) all-reduce does it.
 
-Two layouts, chosen by ``distributed.strategy`` (:func:`build_exchange`):
+Two layouts, chosen by ``distributed.exchange`` (:func:`build_exchange`; ``auto``, the default,
+takes the first under ddp and the second under deepspeed, either may be named under both):
 
-* ``ddp`` -> :class:`GatherExchange`: the flattened gradient is all-gathered in buckets of
+* ``gather`` -> :class:`GatherExchange`: the flattened gradient is all-gathered in buckets of
   ``bucket_elems`` coordinates (memory ``world x bucket``, not ``world x d``); every rank applies
   the attack and the rule to each bucket and ends with the same aggregate. Coordinate-wise rules
   (mean, median, trimmed mean) finish in one pass. The others (Krum, Multi-Krum, Bulyan, the
@@ -14,7 +15,7 @@ Two layouts, chosen by ``distributed.strategy`` (:func:`build_exchange`):
   matrices, the rule decides in worker space, pass 2 gathers the buckets again and applies the
   decision. So memory stays bounded at twice the communication; when the gradient fits in one
   bucket it is gathered once.
-* ``deepspeed`` -> :class:`ShardExchange`, a robust reduce-scatter: an all-to-all sends shard
+* ``shard`` -> :class:`ShardExchange`, a robust reduce-scatter: an all-to-all sends shard
   ``j`` of every rank's gradient to rank ``j``, so each rank holds all ``n`` workers' values of the
   shard it owns (``d`` numbers, as many as its own gradient); it aggregates that shard, and an
   all-gather assembles the aggregate (the same traffic as a ring all-reduce). Coordinate-wise
@@ -256,6 +257,7 @@ def build_exchange(spec: ExperimentSpec, *, rank: int, world: int) -> Exchange |
     gradient_attack = byz is not None and byz.n > 0 and byz.attack.name != "label_flip"
     if (agg is None or agg.name == "mean") and not gradient_attack:
         return None
-    if spec.distributed.strategy == "deepspeed":
-        return ShardExchange(spec, rank, world)
-    return GatherExchange(spec, rank, world)
+    layout = spec.distributed.exchange
+    if layout == "auto":
+        layout = "shard" if spec.distributed.strategy == "deepspeed" else "gather"
+    return ShardExchange(spec, rank, world) if layout == "shard" else GatherExchange(spec, rank, world)

@@ -26,6 +26,12 @@ class DistributedSpec(StrictModel):
     strategy: Literal["ddp", "deepspeed", "parameter_server"] = "ddp"
     deepspeed: DeepSpeedSpec | None = None
     aggregator: AggregatorConfig | None = None
+    exchange: Literal["auto", "gather", "shard"] = Field(
+        default="auto",
+        description="how ddp/deepspeed ranks combine gradients under a robust rule or an attack: 'gather' "
+        "all-gathers every rank's gradient, 'shard' all-to-alls shards and aggregates one per rank (the "
+        "same aggregate, a ring all-reduce's traffic); 'auto' is gather under ddp, shard under deepspeed",
+    )
     gradient_coding: CodingConfig | None = None
     max_failures: int = Field(default=0, ge=0, le=100, description="worker restarts from the last checkpoint")
 

@@ -96,6 +96,11 @@ class ExperimentSpec(StrictModel):
     def _check_exchange(self) -> None:
         dist = self.distributed
         n = dist.num_workers
+        if dist.exchange != "auto" and dist.strategy == "parameter_server":
+            raise ValueError(
+                f"distributed.exchange: {dist.exchange!r} applies to strategy ddp or deepspeed; under "
+                "parameter_server the server gathers the workers' gradients itself (leave it 'auto')"
+            )
         if dist.aggregator is not None:
             try:
                 dist.aggregator.validate_for(n)

@@ -147,6 +147,10 @@ def test_gather_and_shard_exchange_equal_the_rule_on_all_gradients() -> None:
                   {"kind": "shard"}))
     cases.append(("auto/ddp", spec_doc(world, "ddp", {"name": "median", "f": 1}, attack), {}))
     cases.append(("auto/deepspeed", spec_doc(world, "deepspeed", {"name": "median", "f": 1}, attack), {}))
+    for strategy, layout in (("ddp", "shard"), ("deepspeed", "gather")):  # named in the spec
+        doc = spec_doc(world, strategy, {"name": "flag", "f": 1, "r": 2}, attack)
+        doc["distributed"]["exchange"] = layout
+        cases.append((f"named/{strategy}", doc, {}))
     results = run_ranks(world, cases)
 
     for rule in rules:
@@ -163,6 +167,11 @@ def test_gather_and_shard_exchange_equal_the_rule_on_all_gradients() -> None:
         assert all((results[r][f"gaussian/{layout}"][0] == first).all() for r in range(world))
     assert results[0]["auto/ddp"][2] == "GatherExchange"
     assert results[0]["auto/deepspeed"][2] == "ShardExchange"
+    assert results[0]["named/ddp"][2] == "ShardExchange"
+    assert results[0]["named/deepspeed"][2] == "GatherExchange"
+    flag = expected(world, {"name": "flag", "f": 1, "r": 2}, attack)
+    for strategy in ("ddp", "deepspeed"):
+        torch.testing.assert_close(torch.from_numpy(results[0][f"named/{strategy}"][0]), flag, rtol=1e-5, atol=1e-6)
     # Blockwise shards (a decision per shard) are another rule: all ranks agree, and it is not
     # the exact one for Krum, which picks a worker per shard here.
     for name in ("krum", "flag", "bulyan"):
