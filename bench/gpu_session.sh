@@ -4,9 +4,10 @@
 # .whl/extra with the galore-torch and ista-daslab-optimizers wheels, and .ref/FlagAggregator):
 #   bash bench/gpu_session.sh single   # one GPU each: DeepSpeed (GPU 0) | optimizers, PEFT, aggregation (GPU 1)
 #   bash bench/gpu_session.sh ds1 ds collectives   # DeepSpeed on 1 GPU and on all, collectives and exchanges
-#   bash bench/gpu_session.sh largest  # ZeRO-3 + CPU offload, the largest Llama that trains
+#   SIZES=20b,16b bash bench/gpu_session.sh largest  # ZeRO-3 + CPU offload, the first of SIZES that trains
 #   bash bench/gpu_session.sh compile         # torch.compile: 1 GPU at micro 8 and 16 (+ 2 GPUs on a 4+ GPU host)
 #   bash bench/gpu_session.sh compile_all     # torch.compile on every GPU (scaling against `compile`)
+#   bash bench/gpu_session.sh scaling         # compile_all's 1- and 2-GPU baselines, side by side on a 4+ GPU host
 #   bash bench/gpu_session.sh coding collectives4   # gradient coding across GPUs; aggregation + exchanges
 # Each benchmark's output goes to $OUT/<name>.log (or ./gpu-logs) as it runs.
 set -u
@@ -94,7 +95,8 @@ case "$phase" in
     run exchange_${ngpu}gpu 120 torchrun --nproc_per_node "$ngpu" bench/gpu_exchange.py --iters 5
     ;;
   largest)
-    run largest 560 python3 bench/gpu_deepspeed.py --mode largest
+    # run13 (4 x H200, 504 GiB host): 20b trained; run5 (1 x H200, 252 GiB host): SIZES=13b,9b
+    run largest 560 python3 bench/gpu_deepspeed.py --mode largest --sizes "${SIZES:-20b,16b,13b}" --micro-batch 1 --act-ckpt
     ;;
 esac
 done
