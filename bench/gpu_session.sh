@@ -27,12 +27,9 @@ run() {  # run NAME SECONDS CMD...: one benchmark, its output kept even if it ti
 }
 dsc() {  # dsc GPUS DEVICES|all MICRO SECONDS: the DeepSpeed bench with torch.compile, both paths
   local n=$1 devs=$2 mb=$3 secs=$4
-  if [ "$devs" = all ]; then
-    run deepspeed_${n}gpu_compile_mb$mb "$secs" python3 bench/gpu_deepspeed.py --gpus "$n" --micro-batch "$mb" --compile
-  else
-    CUDA_VISIBLE_DEVICES=$devs run deepspeed_${n}gpu_compile_mb$mb "$secs" \
-      python3 bench/gpu_deepspeed.py --gpus "$n" --micro-batch "$mb" --compile
-  fi
+  local cmd=(run "deepspeed_${n}gpu_compile_mb$mb" "$secs" python3 bench/gpu_deepspeed.py --gpus "$n" --micro-batch "$mb"
+             --compile)
+  if [ "$devs" = all ]; then "${cmd[@]}"; else CUDA_VISIBLE_DEVICES=$devs "${cmd[@]}"; fi
 }
 for phase in "$@"; do
 case "$phase" in
