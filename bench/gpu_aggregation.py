@@ -21,6 +21,9 @@ exchange; then rank 0 times the rules. Run alone, it says that the collectives w
     python bench/gpu_aggregation.py --ref-path .ref/FlagAggregator
     torchrun --nproc_per_node 2 bench/gpu_aggregation.py --ref-path .ref/FlagAggregator
     python bench/gpu_aggregation.py --quick --device cpu [--ref-path ...]   # a smoke test
+    python bench/gpu_aggregation.py --gram-sweep --sizes 25e6 100e6          # Gram kernel vs bmm
+
+``--gram bmm`` times Flag with cuBLAS bmm's Gram instead of the Triton kernel (same GPU, same rows).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from algorithms.aggregation import gram_kernel  # noqa: E402
 from algorithms.aggregation.registry import build  # noqa: E402
 
 RULES: list[tuple[str, dict[str, Any]]] = [
@@ -218,6 +222,46 @@ def profile(rule_name: str, sizes: list[int], n: int, device: torch.device, reps
         del x
 
 
+def gram_sweep(sizes: list[int], ns: list[int], device: torch.device, reps: int) -> None:
+    """The Gram kernel's launch settings against cuBLAS bmm on the same rows: ms, GB/s of ``X`` read,
+    and the largest difference from the bmm result (per entry, relative to ``|x_i| |x_j|``)."""
+    from algorithms.aggregation import base
+
+    print("| n | d | path | row block | block | span | warps | ms | GB/s | max rel diff vs bmm |")
+    print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for n in ns:
+        for d in sizes:
+            x = grads(n, d, device)
+            gigabytes = x.numel() * x.element_size() / 1e9
+            gram_kernel.ENABLED = False
+            ms, want = timed(lambda x=x: base.gram(x, False), device, reps)  # type: ignore[misc]
+            gram_kernel.ENABLED = True
+            scale = want.diagonal().sqrt()
+            scale = scale[:, None] * scale[None, :]
+            print(f"| {n} | {d / 1e6:g}M | bmm | - | - | {base.GRAM_SPLIT} | - | {ms:.3f} | "
+                  f"{gigabytes / ms * 1e3:.0f} | 0 |", flush=True)
+            for rb in (8, 16):
+                for block, warps in ((128, 4), (256, 8), (256, 4), (512, 8), (512, 4)):
+                    for span in (4096, 16384, 65536):
+                        if rb > 8 and n <= 8:
+                            continue
+                        def call(x: torch.Tensor = x, r: int = rb, b: int = block, s: int = span,
+                                 w: int = warps) -> torch.Tensor:
+                            return gram_kernel.gram_triton(x, row_block=r, block=b, span=s, num_warps=w)
+                        try:
+                            ms, got = timed(call, device, reps)
+                        except Exception as exc:  # noqa: BLE001 - a setting the compiler refuses is a row
+                            print(f"| {n} | {d / 1e6:g}M | kernel | {rb} | {block} | {span} | {warps} | "
+                                  f"failed: {type(exc).__name__}: {str(exc)[:80]} |||")
+                            continue
+                        diff = float(((got - want).abs() / scale).max())
+                        print(f"| {n} | {d / 1e6:g}M | kernel | {rb} | {block} | {span} | {warps} | {ms:.3f} | "
+                              f"{gigabytes / ms * 1e3:.0f} | {diff:.1e} |", flush=True)
+            del x
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
@@ -232,12 +276,23 @@ def main() -> None:
     ap.add_argument("--ref-path", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU smoke test")
     ap.add_argument("--profile", default=None, metavar="RULE", help="profile one rule (one process) and stop")
+    ap.add_argument("--gram-sweep", action="store_true",
+                    help="time the Gram kernel's settings against bmm (n = 2, 4, 16 unless --n is given) and stop")
+    ap.add_argument("--gram", choices=["kernel", "bmm"], default="kernel",
+                    help="Flag's Gram matrix on a GPU: the Triton kernel (where Triton imports) or cuBLAS bmm")
     args = ap.parse_args()
+    gram_kernel.ENABLED = args.gram == "kernel"
+    print(f"Gram matrix (raw, on a GPU): {'Triton kernel' if gram_kernel.ENABLED and gram_kernel.triton else 'bmm'}",
+          flush=True)
     if args.quick:
         args.sizes, args.reps, args.ref_reps = [2e4, 1e5], 2, 1
     sizes = [int(s) for s in args.sizes]
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 16)) if args.device != "cpu" else 1)
 
+    if args.gram_sweep:
+        ns = [args.n] if "--n" in sys.argv else [2, 4, 16]
+        gram_sweep(sizes, ns, torch.device(args.device), args.reps)
+        return
     if args.profile:
         profile(args.profile, sizes, args.n, torch.device(args.device), args.reps)
         return

@@ -62,8 +62,8 @@ def timed(fn, iters: int, device: torch.device) -> float:  # type: ignore[no-unt
     return statistics.median(out)
 
 
-def bench_size(d: int, rules: list[str], iters: int, rank: int, world: int,
-               device: torch.device) -> list[tuple[str, str, int, int, float, float]]:
+def bench_size(d: int, rules: list[str], iters: int, rank: int, world: int, device: torch.device,
+               keep_elems: int | None = None) -> list[tuple[str, str, int, int, float, float]]:
     from workers.exchange import GatherExchange, ShardExchange
 
     model = nn.Module()
@@ -89,7 +89,8 @@ def bench_size(d: int, rules: list[str], iters: int, rank: int, world: int,
                 if rank == 0 and strategy == "ddp":
                     print(f"skipped {rule} at world size {world}: {str(exc).splitlines()[1].strip()[:160]}")
                 continue
-            exchange = cls(spec, rank, world)
+            kw = {"keep_elems": keep_elems} if cls is GatherExchange and keep_elems is not None else {}
+            exchange = cls(spec, rank, world, **kw)
             step = [0]
 
             def run(ex=exchange, st=step) -> None:  # type: ignore[no-untyped-def]
@@ -108,7 +109,14 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--rules", nargs="+", default=RULES)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--keep-elems", type=int, default=None,
+                        help="GatherExchange's keep_elems (0: pass 2 gathers again); default: the exchange's own")
+    parser.add_argument("--gram", choices=["kernel", "bmm"], default="kernel",
+                        help="Flag's Gram matrix on a GPU: the Triton kernel (where Triton imports) or cuBLAS bmm")
     args = parser.parse_args()
+    from algorithms.aggregation import gram_kernel
+
+    gram_kernel.ENABLED = args.gram == "kernel"
 
     use_cuda = args.device == "cuda"
     dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -118,12 +126,15 @@ def main() -> None:
         torch.cuda.set_device(device)
     rows: list[tuple[str, str, int, int, float, float]] = []
     for size in args.sizes:
-        rows += bench_size(int(size), args.rules, args.iters, rank, world, device)
+        rows += bench_size(int(size), args.rules, args.iters, rank, world, device, args.keep_elems)
         if use_cuda:
             torch.cuda.empty_cache()
     if rank == 0:
         name = torch.cuda.get_device_name(device) if use_cuda else "cpu"
-        print(f"world size {world} ({name}), float32 gradients, median of {args.iters} steps")
+        gram = "Triton kernel" if gram_kernel.ENABLED and gram_kernel.triton else "bmm"
+        keep = "default" if args.keep_elems is None else args.keep_elems
+        print(f"world size {world} ({name}), float32 gradients, median of {args.iters} steps; "
+              f"Flag's Gram: {gram}; gather keep_elems: {keep}")
         print("| rule | exchange | d | f | ms/step | x all-reduce |")
         print("| --- | --- | --- | --- | --- | --- |")
         for rule, strategy, d, f, ms, ratio in rows:

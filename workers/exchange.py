@@ -13,8 +13,9 @@ takes the first under ddp and the second under deepspeed, either may be named un
   geometric median, Flag) need the whole vectors, but only through their ``n x n`` Gram matrix,
   which is a sum over coordinate blocks: pass 1 gathers the buckets and sums their Gram
   matrices, the rule decides in worker space, pass 2 gathers the buckets again and applies the
-  decision. So memory stays bounded at twice the communication; when the gradient fits in one
-  bucket it is gathered once.
+  decision. When the gathered gradients fit in ``keep_elems`` (``world x d`` values, 2 GiB of
+  fp32 by default) pass 1 keeps its buckets and pass 2 gathers nothing; above it, pass 2 gathers
+  the buckets again, so memory stays bounded at twice the communication.
 * ``shard`` -> :class:`ShardExchange`, a robust reduce-scatter: an all-to-all sends shard
   ``j`` of every rank's gradient to rank ``j``, so each rank holds all ``n`` workers' values of the
   shard it owns (``d`` numbers, as many as its own gradient); it aggregates that shard, and an
@@ -51,6 +52,7 @@ from workers.faults import attack_generator, chosen_ranks
 Exchange = Callable[[nn.Module, int], dict[str, float]]
 
 DEFAULT_BUCKET = 1 << 24  # coordinates per all-gather bucket (x world x 4 bytes of buffer)
+DEFAULT_KEEP = 1 << 29  # gathered values (world x d) the Gram-based rules may keep between passes: 2 GiB
 
 
 def _params(model: nn.Module) -> list[torch.nn.Parameter]:
@@ -126,9 +128,11 @@ class _RobustExchange:
 class GatherExchange(_RobustExchange):
     """``ddp``: bucketed all-gather, every rank applies the rule (see the module docstring)."""
 
-    def __init__(self, spec: ExperimentSpec, rank: int, world: int, *, bucket_elems: int = DEFAULT_BUCKET) -> None:
+    def __init__(self, spec: ExperimentSpec, rank: int, world: int, *, bucket_elems: int = DEFAULT_BUCKET,
+                 keep_elems: int = DEFAULT_KEEP) -> None:
         super().__init__(spec, rank, world)
         self.bucket = max(1, int(bucket_elems))
+        self.keep = int(keep_elems)
 
     def _gather(self, flat: Tensor, s: int, e: int) -> Tensor:
         buf = torch.empty(self.world * (e - s), dtype=flat.dtype, device=flat.device)
@@ -145,12 +149,13 @@ class GatherExchange(_RobustExchange):
         spans = [(s, min(s + self.bucket, d)) for s in range(0, d, self.bucket)]
         with_mass = bool(self.byzantine)
         rule_s = comm_s = 0.0
-        cached: Tensor | None = None
+        # pass 1's buckets are kept for pass 2 when all of them fit (world x d <= keep_elems)
+        kept: dict[int, Tensor] | None = {} if self.world * d <= self.keep else None
 
         def rows(s: int, e: int) -> Tensor:
             nonlocal comm_s
-            if cached is not None:
-                return cached
+            if kept is not None and s in kept:
+                return kept.pop(s)
             t0 = time.perf_counter()
             buf = self._gather(flat, s, e)
             _sync(buf)
@@ -161,8 +166,8 @@ class GatherExchange(_RobustExchange):
         if self.rule.gram_kind is not None:
             for s, e in spans:
                 block = rows(s, e)
-                if len(spans) == 1:
-                    cached = block
+                if kept is not None:
+                    kept[s] = block
                 t0 = time.perf_counter()
                 part = self.rule.stats(block)
                 assert part is not None

@@ -26,6 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from algorithms.aggregation import gram_kernel
+
 DEFAULT_CHUNK = 1 << 22  # coordinates per block when a rule runs over a whole tensor
 GRAM_SPLIT = 1 << 14  # coordinates per partial product inside one Gram matrix
 
@@ -60,6 +62,8 @@ def gram(block: Tensor, centered: bool) -> Tensor:
     which are all Krum and Weiszfeld need, are unchanged by it, and the cancellation in
     ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j`` is avoided). Per-coordinate centring is additive over blocks.
     """
+    if not centered and gram_kernel.available(block):
+        return gram_kernel.gram_triton(block)  # one pass over the block (Flag's raw Gram on a GPU)
     x = block if block.dtype == torch.float64 else block.float()
     if centered:
         x = x - x.mean(dim=0, keepdim=True)

@@ -139,6 +139,8 @@ def test_gather_and_shard_exchange_equal_the_rule_on_all_gradients() -> None:
         cases.append((f"shard/{rule['name']}", spec_doc(world, "deepspeed", rule, attack), {"kind": "shard"}))
     for name in ("krum", "flag", "bulyan"):
         rule = next(r for r in RULES if r["name"] == name)
+        cases.append((f"regather/{name}", spec_doc(world, "ddp", rule, attack),  # pass 2 gathers again
+                      {"kind": "gather", "bucket_elems": 16, "keep_elems": 0}))
         cases.append((f"blockwise/{name}", spec_doc(world, "deepspeed", rule, attack),
                       {"kind": "shard", "exact_shards": False}))
     cases.append(("gaussian/gather", spec_doc(world, "ddp", {"name": "median", "f": 1}, {"name": "gaussian"}),
@@ -172,6 +174,11 @@ def test_gather_and_shard_exchange_equal_the_rule_on_all_gradients() -> None:
     flag = expected(world, {"name": "flag", "f": 1, "r": 2}, attack)
     for strategy in ("ddp", "deepspeed"):
         torch.testing.assert_close(torch.from_numpy(results[0][f"named/{strategy}"][0]), flag, rtol=1e-5, atol=1e-6)
+    # Gathering the buckets again in pass 2 (over keep_elems) gives what keeping them gives.
+    for name in ("krum", "flag", "bulyan"):
+        for r in range(world):
+            assert (results[r][f"regather/{name}"][0] == results[r][f"gather/{name}"][0]).all(), (name, r)
+            assert results[r][f"regather/{name}"][1]["exchange/comm_ms"] >= 0.0
     # Blockwise shards (a decision per shard) are another rule: all ranks agree, and it is not
     # the exact one for Krum, which picks a worker per shard here.
     for name in ("krum", "flag", "bulyan"):

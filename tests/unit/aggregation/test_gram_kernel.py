@@ -1,0 +1,87 @@
+"""The Triton Gram kernel against a float64 Gram and the bmm path.
+
+On CPU the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1`` has to be set before
+Triton compiles anything, hence the subprocess); on a CUDA machine the compiled kernel is checked
+the same way and through the rules.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from algorithms.aggregation import base, gram_kernel
+from algorithms.aggregation.registry import build
+
+ROOT = Path(__file__).resolve().parents[3]
+needs_triton = pytest.mark.skipif(gram_kernel.triton is None, reason="Triton is not installed")
+
+# (n, d, span): n across one block (<= 8 rows, padded), several blocks and a ragged last block;
+# d across tiles, stretches and ragged ends
+CASES = [(1, 300, 1024), (2, 40_000, 1024), (5, 40_000, 2048), (8, 16_384, 1024), (9, 129, 1024),
+         (16, 100_000, 4096), (17, 5_000, 1024), (33, 20_000, 2048), (64, 1_000, 1024), (3, 0, 1024),
+         (16, 70_000, gram_kernel.SPAN)]
+
+
+def check_cases(device: str) -> None:
+    """Every case: the kernel within fp32 rounding of float64, and of the bmm path."""
+    g = torch.Generator().manual_seed(0)
+    for n, d, span in CASES:
+        wide = torch.randn(n, d + 7, generator=g) * 3 + 1
+        wide[0] *= 50.0  # rows of very different norms, as under a scaled attack
+        x = wide[:, 5:5 + d].to(device)  # a column slice: row stride d + 7, as the rules' blocks
+        got = gram_kernel.gram_triton(x, span=span).cpu()
+        want = x.cpu().double() @ x.cpu().double().T
+        assert got.shape == (n, n) and got.dtype == torch.float64, (n, d)
+        assert torch.equal(got, got.T), (n, d)
+        scale = want.diagonal().sqrt()
+        rel = (got - want).abs() / (scale[:, None] * scale[None, :]).clamp_min(1e-30)  # per entry, as cosines
+        assert float(rel.max()) < 1e-5, (n, d, span, float(rel.max()))
+        with_bmm = base.gram(x.cpu(), centered=False)  # CPU tensors take the bmm path
+        assert float(((got - with_bmm).abs() / (scale[:, None] * scale[None, :]).clamp_min(1e-30)).max()) < 1e-5
+    half = (torch.randn(7, 5_000, generator=g)).to(device, torch.bfloat16)
+    got = gram_kernel.gram_triton(half, span=1024).cpu()
+    want = half.float().cpu().double() @ half.float().cpu().double().T
+    assert float((got - want).abs().max()) / float(want.abs().max()) < 1e-5
+
+
+@needs_triton
+def test_kernel_under_the_interpreter() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    code = "from tests.unit.aggregation.test_gram_kernel import check_cases; check_cases('cpu'); print('ok')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_cpu_tensors_and_centred_grams_take_the_bmm_path() -> None:
+    assert not gram_kernel.available(torch.zeros(4, 8))
+    assert not gram_kernel.available(torch.zeros(gram_kernel.MAX_ROWS + 1, 8))
+
+
+needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and gram_kernel.triton is not None),
+                                reason="needs a CUDA GPU and Triton")
+
+
+@needs_cuda
+def test_compiled_kernel_on_cuda() -> None:
+    check_cases("cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("n", [2, 4, 16])
+def test_flag_agrees_with_and_without_the_kernel(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(n, 3_000_000, generator=g) + torch.randn(3_000_000, generator=g)).cuda()
+    agg = build("flag", f=(n - 1) // 4, chunk=1 << 20)
+    with_kernel = agg(x)
+    monkeypatch.setattr(gram_kernel, "ENABLED", False)
+    without = agg(x)
+    cos = torch.nn.functional.cosine_similarity(with_kernel, without, dim=0)
+    assert float(cos) > 1 - 1e-6
+    assert float((with_kernel - without).norm() / without.norm()) < 1e-4
