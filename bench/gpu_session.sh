@@ -9,7 +9,7 @@
 #   bash bench/gpu_session.sh compile_all     # torch.compile on every GPU (scaling against `compile`)
 #   bash bench/gpu_session.sh scaling         # compile_all's 1- and 2-GPU baselines, side by side on a 4+ GPU host
 #   bash bench/gpu_session.sh coding collectives4   # gradient coding across GPUs; aggregation + exchanges
-#   bash bench/gpu_session.sh gram            # Flag's Triton Gram kernel: GPU tests, sweep, rules and exchanges vs bmm
+#   bash bench/gpu_session.sh gram gram_exchange   # Flag's Triton Gram kernel: GPU tests, sweep, rules; exchanges
 # Each benchmark's output goes to $OUT/<name>.log (or ./gpu-logs) as it runs.
 set -u
 source .whl/install.sh || exit 1
@@ -100,16 +100,19 @@ case "$phase" in
       CUDA_VISIBLE_DEVICES=0 run aggregation_1gpu_$g 100 python3 bench/gpu_aggregation.py --sizes 25e6 100e6 --gram $g
     done
     CUDA_VISIBLE_DEVICES=0 run flag_profile_kernel 60 python3 bench/gpu_aggregation.py --profile flag --reps 3
-    if [ "$ngpu" -gt 1 ]; then
-      run exchange_${ngpu}gpu_kernel 100 torchrun --nproc_per_node "$ngpu" bench/gpu_exchange.py --iters 5 \
-        --rules flag geometric_median mean
-      run exchange_${ngpu}gpu_bmm_regather 100 torchrun --nproc_per_node "$ngpu" bench/gpu_exchange.py --iters 5 \
-        --rules flag geometric_median mean --gram bmm --keep-elems 0
-      run exchange_${ngpu}gpu_kernel_regather 100 torchrun --nproc_per_node "$ngpu" bench/gpu_exchange.py --iters 5 \
-        --rules flag --keep-elems 0
-      run aggregation_${ngpu}gpu 100 torchrun --nproc_per_node "$ngpu" bench/gpu_aggregation.py --sizes 25e6 100e6 \
-        --reps 10
-    fi
+    ;;
+  gram_exchange)  # the exchanges on 2 GPUs and on all of them: kernel (gather keeps its buckets) vs bmm (re-gathers)
+    for np in $( [ "$ngpu" -gt 2 ] && echo 2 "$ngpu" || { [ "$ngpu" -gt 1 ] && echo 2; } ); do
+      devs=$(seq -s, 0 $((np - 1)))
+      CUDA_VISIBLE_DEVICES=$devs run exchange_${np}gpu_kernel 100 torchrun --nproc_per_node "$np" bench/gpu_exchange.py \
+        --iters 5 --rules flag geometric_median mean
+      CUDA_VISIBLE_DEVICES=$devs run exchange_${np}gpu_bmm_regather 100 torchrun --nproc_per_node "$np" \
+        bench/gpu_exchange.py --iters 5 --rules flag geometric_median mean --gram bmm --keep-elems 0
+      CUDA_VISIBLE_DEVICES=$devs run exchange_${np}gpu_kernel_regather 100 torchrun --nproc_per_node "$np" \
+        bench/gpu_exchange.py --iters 5 --rules flag --keep-elems 0
+      CUDA_VISIBLE_DEVICES=$devs run aggregation_${np}gpu 100 torchrun --nproc_per_node "$np" bench/gpu_aggregation.py \
+        --sizes 25e6 100e6 --reps 10
+    done
     ;;
   largest)
     # run13 (4 x H200, 504 GiB host): 20b trained; run5 (1 x H200, 252 GiB host): SIZES=13b,9b
