@@ -96,6 +96,7 @@ class Rule:
 
     name = "rule"
     gram_kind: Literal["raw", "centered"] | None = None
+    apply_whole = False  # True: ``apply`` without the mass needs no temporary of the block's size
 
     def __init__(self, f: int = 0, chunk: int = DEFAULT_CHUNK) -> None:
         if f < 0:
@@ -133,7 +134,7 @@ class Rule:
                 assert part is not None
                 stats = part if stats is None else stats + part
         plan = self.plan(stats, n)
-        if d <= self.chunk:
+        if d <= self.chunk or (self.apply_whole and not with_mass):
             value, mass = self.apply(plan, grads, with_mass)
             return AggResult(value, mass)
         value = torch.empty(d, dtype=grads.dtype, device=grads.device)
@@ -154,6 +155,8 @@ class Rule:
 
 class LinearRule(Rule):
     """Rules whose aggregate is one fixed linear combination ``sum_i c_i x_i`` of the rows."""
+
+    apply_whole = True  # one matrix-vector product over all of ``d``: no block copies
 
     def apply(self, plan: Any, block: Tensor, with_mass: bool = False) -> tuple[Tensor, Tensor | None]:
         coef = plan.to(device=block.device, dtype=block.dtype)

@@ -29,6 +29,7 @@ the last subspace that decreased it.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -41,67 +42,71 @@ _RANK_TOL = 1e-9  # eigenvalues of the normalised Gram below this (relative) are
 FLAG_CHUNK = 1 << 26
 
 
-def _weight_matrix(w2: Tensor, pair: Tensor | None) -> Tensor:
+def _weight_matrix(w2: np.ndarray, pair: np.ndarray | None) -> np.ndarray:
     """``M`` with ``X M X^T = sum_i w_i^2 x_i x_i^T + sum_{i != j} p_ij (x_i - x_j)(x_i - x_j)^T``."""
-    m = torch.diag(w2)
+    m = np.diag(w2)
     if pair is not None:
-        m = m + 2.0 * (torch.diag(pair.sum(dim=1)) - pair)
+        m = m + 2.0 * (np.diag(pair.sum(axis=1)) - pair)
     return m
 
 
-def _pair_weights(p: Tensor, eps: float, lam: float) -> Tensor:
+def _pair_weights(p: np.ndarray, eps: float, lam: float) -> np.ndarray:
     """Squared pairwise IRLS weights from the projections ``p = E^T Z`` (``r x n``)."""
     n = p.shape[1]
     diff = p[:, :, None] - p[:, None, :]
-    sinsq = (1.0 - (diff * diff).sum(dim=0)).abs()
+    sinsq = np.abs(1.0 - (diff * diff).sum(axis=0))
     pair = (sinsq + eps) ** -0.5 * (lam / (n * (n - 1))) ** 2
-    pair.fill_diagonal_(0.0)
+    np.fill_diagonal(pair, 0.0)
     return pair
 
 
 def flag_coefficients(g: Tensor, r: int, max_iter: int, eps: float, lam: float = 0.0) -> Tensor:
-    """From the raw Gram matrix ``g`` (``n x n``): ``c`` such that the Flag aggregate is ``sum_i c_i x_i``."""
-    g = g.double().cpu()
-    n = g.shape[0]
-    norms = torch.diagonal(g).clamp_min(0.0).sqrt()
-    inv = 1.0 / norms.clamp_min(1e-12)  # as F.normalize: zero rows stay zero
-    gh = g * inv[:, None] * inv[None, :]
+    """From the raw Gram matrix ``g`` (``n x n``): ``c`` such that the Flag aggregate is ``sum_i c_i x_i``.
+
+    In float64 numpy on the CPU: ``n x n`` numbers, where torch's per-operator cost on tiny tensors
+    would dominate (this sits between the Gram pass and the aggregate pass on the GPU).
+    """
+    gm = g.detach().to("cpu", torch.float64).numpy()
+    n = gm.shape[0]
+    norms = np.sqrt(np.clip(np.diagonal(gm), 0.0, None))
+    inv = 1.0 / np.maximum(norms, 1e-12)  # as F.normalize: zero rows stay zero
+    gh = gm * inv[:, None] * inv[None, :]
     gh = 0.5 * (gh + gh.T)
-    evals, evecs = torch.linalg.eigh(gh)
+    evals, evecs = np.linalg.eigh(gh)
     top = float(evals.max()) if n else 0.0
-    keep = evals > _RANK_TOL * top if top > 0 else torch.zeros(n, dtype=torch.bool)
+    keep = evals > _RANK_TOL * top if top > 0 else np.zeros(n, dtype=bool)
     if not bool(keep.any()):
         return torch.zeros(n, dtype=torch.float64)  # every gradient is zero
-    sig = evals[keep].sqrt()
+    sig = np.sqrt(evals[keep])
     v = evecs[:, keep]
     z = sig[:, None] * v.T  # k x n
     k = z.shape[0]
     r_eff = min(r, k)
 
-    w2 = torch.full((n,), (1.0 + eps) ** -0.5, dtype=torch.float64)
+    w2 = np.full(n, (1.0 + eps) ** -0.5)
     pair = None
     if lam > 0 and n > 1:
-        pair = torch.full((n, n), (1.0 + eps) ** -0.5 * (lam / (n * (n - 1))) ** 2, dtype=torch.float64)
-        pair.fill_diagonal_(0.0)
-    best: Tensor | None = None
+        pair = np.full((n, n), (1.0 + eps) ** -0.5 * (lam / (n * (n - 1))) ** 2)
+        np.fill_diagonal(pair, 0.0)
+    best: np.ndarray | None = None
     prev = float(n)  # the objective at the reference's random start: every sine is ~1
     for _ in range(max_iter):
         a = z @ _weight_matrix(w2, pair) @ z.T
-        e = torch.linalg.eigh(0.5 * (a + a.T)).eigenvectors[:, k - r_eff:]
+        e = np.linalg.eigh(0.5 * (a + a.T))[1][:, k - r_eff:]
         p = e.T @ z
-        sinsq = 1.0 - (p * p).sum(dim=0)
-        objective = float(sinsq.clamp_min(0.0).sqrt().sum())
+        sinsq = 1.0 - (p * p).sum(axis=0)
+        objective = float(np.sqrt(np.clip(sinsq, 0.0, None)).sum())
         if best is not None and prev - objective <= 1e-10:
             break
         best, prev = e, objective
         if objective <= 1e-10:
             break
-        w2 = (sinsq.abs() + eps) ** -0.5
+        w2 = (np.abs(sinsq) + eps) ** -0.5
         if pair is not None:
             pair = _pair_weights(p, eps, lam)
     assert best is not None
-    coef_hat = v @ ((best @ (best.T @ z.sum(dim=1))) / sig) / r
-    return coef_hat * inv
+    coef_hat = v @ ((best @ (best.T @ z.sum(axis=1))) / sig) / r
+    return torch.from_numpy(coef_hat * inv)
 
 
 class Flag(LinearRule):

@@ -38,10 +38,13 @@ except ImportError:  # the CPU-only install may lack Triton: base.gram uses its 
 
 ENABLED = True  # the benchmarks turn this off to time the bmm path on the same GPU
 MAX_ROWS = 64
+# The defaults won `bench/gpu_aggregation.py --gram-sweep` on an H200 (run15-gram_sweep.log): for n = 16,
+# 0.98 / 3.57 ms at d = 25M / 100M (1.6-1.8 TB/s; cuBLAS bmm 1.59 / 5.78 ms); n = 2 and 4 read at 2.4-3 TB/s.
+# Row blocks of 16 (256 accumulators a thread) spill registers and run 8-30x slower.
 ROW_BLOCK = 8  # rows per block: RB x RB x (columns per thread) accumulators per thread
-BLOCK = 256  # coordinates per tile (one per thread at 8 warps)
+BLOCK = 128  # coordinates per tile (one per thread at 4 warps)
 SPAN = 16384  # coordinates per program (and per fp32 partial)
-NUM_WARPS = 8
+NUM_WARPS = 4
 
 
 def available(x: Tensor) -> bool:
