@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algorithms.aggregation import gram_kernel  # noqa: E402
+from algorithms.aggregation import row_kernels  # noqa: E402
 from algorithms.aggregation.registry import build  # noqa: E402
 
 RULES: list[tuple[str, dict[str, Any]]] = [
@@ -172,7 +172,7 @@ def _rules_for_size(x: torch.Tensor, f: int, reps: int, ref_reps: int,
         rule = build(name, **params)
         try:
             ms, out = timed(lambda rule=rule: rule(x), x.device, reps)  # type: ignore[misc]
-            cells[label] = f"{ms:.1f}"
+            cells[label] = f"{ms:.2f}"
             if label == "flag (max_iter=1)":
                 ours_flag1 = out
         except torch.cuda.OutOfMemoryError:
@@ -224,39 +224,68 @@ def profile(rule_name: str, sizes: list[int], n: int, device: torch.device, reps
 
 def gram_sweep(sizes: list[int], ns: list[int], device: torch.device, reps: int) -> None:
     """The Gram kernel's launch settings against cuBLAS bmm on the same rows: ms, GB/s of ``X`` read,
-    and the largest difference from the bmm result (per entry, relative to ``|x_i| |x_j|``)."""
+    registers and spills per thread, and the largest difference from the bmm result (per entry,
+    relative to ``|x_i| |x_j|``)."""
     from algorithms.aggregation import base
 
-    print("| n | d | path | row block | block | span | warps | ms | GB/s | max rel diff vs bmm |")
-    print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| n | d | path | row block | block | span | warps | stages | regs | spills | ms | GB/s | max rel diff |")
+    print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for n in ns:
         for d in sizes:
             x = grads(n, d, device)
             gigabytes = x.numel() * x.element_size() / 1e9
-            gram_kernel.ENABLED = False
+            row_kernels.ENABLED = False
             ms, want = timed(lambda x=x: base.gram(x, False), device, reps)  # type: ignore[misc]
-            gram_kernel.ENABLED = True
+            row_kernels.ENABLED = True
             scale = want.diagonal().sqrt()
             scale = scale[:, None] * scale[None, :]
-            print(f"| {n} | {d / 1e6:g}M | bmm | - | - | {base.GRAM_SPLIT} | - | {ms:.3f} | "
+            print(f"| {n} | {d / 1e6:g}M | bmm | - | - | {base.GRAM_SPLIT} | - | - | - | - | {ms:.3f} | "
                   f"{gigabytes / ms * 1e3:.0f} | 0 |", flush=True)
-            for rb in (8, 16):
-                for block, warps in ((128, 4), (256, 8), (256, 4), (512, 8), (512, 4)):
-                    for span in (4096, 16384, 65536):
-                        if rb > 8 and n <= 8:
-                            continue
-                        def call(x: torch.Tensor = x, r: int = rb, b: int = block, s: int = span,
-                                 w: int = warps) -> torch.Tensor:
-                            return gram_kernel.gram_triton(x, row_block=r, block=b, span=s, num_warps=w)
-                        try:
-                            ms, got = timed(call, device, reps)
-                        except Exception as exc:  # noqa: BLE001 - a setting the compiler refuses is a row
-                            print(f"| {n} | {d / 1e6:g}M | kernel | {rb} | {block} | {span} | {warps} | "
-                                  f"failed: {type(exc).__name__}: {str(exc)[:80]} |||")
-                            continue
-                        diff = float(((got - want).abs() / scale).max())
-                        print(f"| {n} | {d / 1e6:g}M | kernel | {rb} | {block} | {span} | {warps} | {ms:.3f} | "
-                              f"{gigabytes / ms * 1e3:.0f} | {diff:.1e} |", flush=True)
+            seen = set()
+            for rb in (4, 8):
+                for block, warps in ((128, 4), (256, 8), (64, 2), (256, 4)):
+                    for span in (16384, 32768):
+                        for stages in (None, 2):
+                            eff_rb = min(rb, max(2, 1 << (n - 1).bit_length()))
+                            if (eff_rb, block, warps, span, stages) in seen:
+                                continue
+                            seen.add((eff_rb, block, warps, span, stages))
+                            def call(x: torch.Tensor = x, r: int = rb, b: int = block, s: int = span,
+                                     w: int = warps, st: int | None = stages) -> torch.Tensor:
+                                return row_kernels.gram_triton(x, row_block=r, block=b, span=s, num_warps=w,
+                                                               num_stages=st)
+                            cfg = f"| {n} | {d / 1e6:g}M | kernel | {eff_rb} | {block} | {span} | {warps} | {stages} |"
+                            try:
+                                ms, got = timed(call, device, reps)
+                            except Exception as exc:  # noqa: BLE001 - a setting the compiler refuses is a row
+                                print(f"{cfg} failed: {type(exc).__name__}: {str(exc)[:80]} |||||")
+                                continue
+                            launch = row_kernels.last_launch
+                            regs, spills = getattr(launch, "n_regs", "?"), getattr(launch, "n_spills", "?")
+                            diff = float(((got - want).abs() / scale).max())
+                            print(f"{cfg} {regs} | {spills} | {ms:.3f} | {gigabytes / ms * 1e3:.0f} | {diff:.1e} |",
+                                  flush=True)
+            coef = torch.randn(n, dtype=torch.float64)
+            row_kernels.ENABLED = False
+            ms, want_v = timed(lambda x=x, c=coef: c.to(x.device, x.dtype) @ x, device, reps)  # type: ignore[misc]
+            row_kernels.ENABLED = True
+            bound = coef.abs().to(device, torch.float32) @ x.abs()
+            print(f"| {n} | {d / 1e6:g}M | combine: torch matmul | - | - | - | - | - | - | - | {ms:.3f} | "
+                  f"{gigabytes / ms * 1e3:.0f} | 0 |", flush=True)
+            for block_c in (1024, 2048, 4096):
+                for warps in (4, 8):
+                    def comb(x: torch.Tensor = x, c: torch.Tensor = coef, b: int = block_c,
+                             w: int = warps) -> torch.Tensor:
+                        return row_kernels.combine_triton(c, x, block=b, num_warps=w)
+                    try:
+                        ms, got_v = timed(comb, device, reps)
+                    except Exception as exc:  # noqa: BLE001 - a setting that fails is a row
+                        print(f"| {n} | {d / 1e6:g}M | combine: kernel | - | {block_c} | - | {warps} | "
+                              f"failed: {type(exc).__name__} ||||||")
+                        continue
+                    diff = float(((got_v - want_v).abs() / bound.clamp_min(1e-30)).max())
+                    print(f"| {n} | {d / 1e6:g}M | combine: kernel | - | {block_c} | - | {warps} | - | - | - | "
+                          f"{ms:.3f} | {gigabytes / ms * 1e3:.0f} | {diff:.1e} |", flush=True)
             del x
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -281,8 +310,8 @@ def main() -> None:
     ap.add_argument("--gram", choices=["kernel", "bmm"], default="kernel",
                     help="Flag's Gram matrix on a GPU: the Triton kernel (where Triton imports) or cuBLAS bmm")
     args = ap.parse_args()
-    gram_kernel.ENABLED = args.gram == "kernel"
-    print(f"Gram matrix (raw, on a GPU): {'Triton kernel' if gram_kernel.ENABLED and gram_kernel.triton else 'bmm'}",
+    row_kernels.ENABLED = args.gram == "kernel"
+    print(f"Gram matrix (raw, on a GPU): {'Triton kernel' if row_kernels.ENABLED and row_kernels.triton else 'bmm'}",
           flush=True)
     if args.quick:
         args.sizes, args.reps, args.ref_reps = [2e4, 1e5], 2, 1

@@ -114,9 +114,9 @@ def main() -> None:
     parser.add_argument("--gram", choices=["kernel", "bmm"], default="kernel",
                         help="Flag's Gram matrix on a GPU: the Triton kernel (where Triton imports) or cuBLAS bmm")
     args = parser.parse_args()
-    from algorithms.aggregation import gram_kernel
+    from algorithms.aggregation import row_kernels
 
-    gram_kernel.ENABLED = args.gram == "kernel"
+    row_kernels.ENABLED = args.gram == "kernel"
 
     use_cuda = args.device == "cuda"
     dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -131,7 +131,7 @@ def main() -> None:
             torch.cuda.empty_cache()
     if rank == 0:
         name = torch.cuda.get_device_name(device) if use_cuda else "cpu"
-        gram = "Triton kernel" if gram_kernel.ENABLED and gram_kernel.triton else "bmm"
+        gram = "Triton kernel" if row_kernels.ENABLED and row_kernels.triton else "bmm"
         keep = "default" if args.keep_elems is None else args.keep_elems
         print(f"world size {world} ({name}), float32 gradients, median of {args.iters} steps; "
               f"Flag's Gram: {gram}; gather keep_elems: {keep}")

@@ -94,7 +94,7 @@ case "$phase" in
     ;;
   gram)  # Flag's Triton Gram kernel: its tests on the GPU, its settings, then Flag and the exchanges, kernel vs bmm
     CUDA_VISIBLE_DEVICES=0 run gram_tests 200 python3 -m pytest -q -p no:cacheprovider -k "not interpreter" \
-      tests/unit/aggregation/test_gram_kernel.py
+      tests/unit/aggregation/test_row_kernels.py
     CUDA_VISIBLE_DEVICES=0 run gram_sweep 200 python3 bench/gpu_aggregation.py --gram-sweep --sizes 25e6 100e6 --reps 10
     for g in kernel bmm; do
       CUDA_VISIBLE_DEVICES=0 run aggregation_1gpu_$g 100 python3 bench/gpu_aggregation.py --sizes 25e6 100e6 --gram $g

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from algorithms.aggregation import gram_kernel
+from algorithms.aggregation import row_kernels
 
 DEFAULT_CHUNK = 1 << 22  # coordinates per block when a rule runs over a whole tensor
 GRAM_SPLIT = 1 << 14  # coordinates per partial product inside one Gram matrix
@@ -62,8 +62,8 @@ def gram(block: Tensor, centered: bool) -> Tensor:
     which are all Krum and Weiszfeld need, are unchanged by it, and the cancellation in
     ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j`` is avoided). Per-coordinate centring is additive over blocks.
     """
-    if not centered and gram_kernel.available(block):
-        return gram_kernel.gram_triton(block)  # one pass over the block (Flag's raw Gram on a GPU)
+    if not centered and row_kernels.available(block):
+        return row_kernels.gram_triton(block)  # one pass over the block (Flag's raw Gram on a GPU)
     x = block if block.dtype == torch.float64 else block.float()
     if centered:
         x = x - x.mean(dim=0, keepdim=True)
@@ -159,8 +159,10 @@ class LinearRule(Rule):
     apply_whole = True  # one matrix-vector product over all of ``d``: no block copies
 
     def apply(self, plan: Any, block: Tensor, with_mass: bool = False) -> tuple[Tensor, Tensor | None]:
-        coef = plan.to(device=block.device, dtype=block.dtype)
-        value = coef @ block
+        if row_kernels.available(block):
+            value = row_kernels.combine_triton(plan, block)  # one wide pass over the rows (GPU)
+        else:
+            value = plan.to(device=block.device, dtype=block.dtype) @ block
         mass = None
         if with_mass:
             mass = plan.to(block.device).abs() * block.abs().sum(dim=1, dtype=torch.float64)

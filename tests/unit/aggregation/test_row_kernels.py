@@ -1,4 +1,4 @@
-"""The Triton Gram kernel against a float64 Gram and the bmm path.
+"""The Triton kernels (raw Gram, linear combination) against float64 and torch's bmm/matmul paths.
 
 On CPU the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1`` has to be set before
 Triton compiles anything, hence the subprocess); on a CUDA machine the compiled kernel is checked
@@ -15,17 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from algorithms.aggregation import base, gram_kernel
+from algorithms.aggregation import base, row_kernels
 from algorithms.aggregation.registry import build
 
 ROOT = Path(__file__).resolve().parents[3]
-needs_triton = pytest.mark.skipif(gram_kernel.triton is None, reason="Triton is not installed")
+needs_triton = pytest.mark.skipif(row_kernels.triton is None, reason="Triton is not installed")
 
 # (n, d, span): n across one block (<= 8 rows, padded), several blocks and a ragged last block;
 # d across tiles, stretches and ragged ends
 CASES = [(1, 300, 1024), (2, 40_000, 1024), (5, 40_000, 2048), (8, 16_384, 1024), (9, 129, 1024),
          (16, 100_000, 4096), (17, 5_000, 1024), (33, 20_000, 2048), (64, 1_000, 1024), (3, 0, 1024),
-         (16, 70_000, gram_kernel.SPAN)]
+         (16, 70_000, row_kernels.SPAN)]
 
 
 def check_cases(device: str) -> None:
@@ -35,7 +35,7 @@ def check_cases(device: str) -> None:
         wide = torch.randn(n, d + 7, generator=g) * 3 + 1
         wide[0] *= 50.0  # rows of very different norms, as under a scaled attack
         x = wide[:, 5:5 + d].to(device)  # a column slice: row stride d + 7, as the rules' blocks
-        got = gram_kernel.gram_triton(x, span=span).cpu()
+        got = row_kernels.gram_triton(x, span=span).cpu()
         want = x.cpu().double() @ x.cpu().double().T
         assert got.shape == (n, n) and got.dtype == torch.float64, (n, d)
         assert torch.equal(got, got.T), (n, d)
@@ -44,8 +44,15 @@ def check_cases(device: str) -> None:
         assert float(rel.max()) < 1e-5, (n, d, span, float(rel.max()))
         with_bmm = base.gram(x.cpu(), centered=False)  # CPU tensors take the bmm path
         assert float(((got - with_bmm).abs() / (scale[:, None] * scale[None, :]).clamp_min(1e-30)).max()) < 1e-5
+        coef = torch.randn(n, generator=g, dtype=torch.float64)
+        for block in (256, 2048):
+            value = row_kernels.combine_triton(coef, x, block=block).cpu()
+            want_v = coef @ x.cpu().double()
+            bound = coef.abs() @ x.cpu().double().abs()  # the sum's own scale, per coordinate
+            assert value.shape == (d,) and value.dtype == x.dtype, (n, d)
+            assert bool(((value.double() - want_v).abs() <= 5e-6 * bound + 1e-30).all()), (n, d, block)
     half = (torch.randn(7, 5_000, generator=g)).to(device, torch.bfloat16)
-    got = gram_kernel.gram_triton(half, span=1024).cpu()
+    got = row_kernels.gram_triton(half, span=1024).cpu()
     want = half.float().cpu().double() @ half.float().cpu().double().T
     assert float((got - want).abs().max()) / float(want.abs().max()) < 1e-5
 
@@ -53,18 +60,18 @@ def check_cases(device: str) -> None:
 @needs_triton
 def test_kernel_under_the_interpreter() -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    code = "from tests.unit.aggregation.test_gram_kernel import check_cases; check_cases('cpu'); print('ok')"
+    code = "from tests.unit.aggregation.test_row_kernels import check_cases; check_cases('cpu'); print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
-def test_cpu_tensors_and_centred_grams_take_the_bmm_path() -> None:
-    assert not gram_kernel.available(torch.zeros(4, 8))
-    assert not gram_kernel.available(torch.zeros(gram_kernel.MAX_ROWS + 1, 8))
+def test_cpu_tensors_take_torchs_path() -> None:
+    assert not row_kernels.available(torch.zeros(4, 8))
+    assert not row_kernels.available(torch.zeros(row_kernels.MAX_ROWS + 1, 8))
 
 
-needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and gram_kernel.triton is not None),
+needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and row_kernels.triton is not None),
                                 reason="needs a CUDA GPU and Triton")
 
 
@@ -80,7 +87,7 @@ def test_flag_agrees_with_and_without_the_kernel(n: int, monkeypatch: pytest.Mon
     x = (torch.randn(n, 3_000_000, generator=g) + torch.randn(3_000_000, generator=g)).cuda()
     agg = build("flag", f=(n - 1) // 4, chunk=1 << 20)
     with_kernel = agg(x)
-    monkeypatch.setattr(gram_kernel, "ENABLED", False)
+    monkeypatch.setattr(row_kernels, "ENABLED", False)
     without = agg(x)
     cos = torch.nn.functional.cosine_similarity(with_kernel, without, dim=0)
     assert float(cos) > 1 - 1e-6
