@@ -61,6 +61,8 @@ def gram(block: Tensor, centered: bool) -> Tensor:
     ``centered`` subtracts the workers' mean from each coordinate first (the pairwise distances,
     which are all Krum and Weiszfeld need, are unchanged by it, and the cancellation in
     ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j`` is avoided). Per-coordinate centring is additive over blocks.
+    The raw Gram of a CUDA block takes the Triton kernel of :mod:`algorithms.aggregation.row_kernels`
+    when it can (same products in fp32, about twice cuBLAS's speed for this shape); the rest, bmm.
     """
     if not centered and row_kernels.available(block):
         return row_kernels.gram_triton(block)  # one pass over the block (Flag's raw Gram on a GPU)
