@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.linalg import lapack
 from torch import Tensor
 
 from algorithms.aggregation.base import LinearRule
@@ -60,6 +61,16 @@ def _pair_weights(p: np.ndarray, eps: float, lam: float) -> np.ndarray:
     return pair
 
 
+def _eigh(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (ascending) and eigenvectors of a small symmetric matrix, from its lower triangle:
+    LAPACK's ``dsyevd`` called directly (numpy's ``eigh`` is the same routine behind more checks, and
+    this runs up to ``max_iter + 1`` times between Flag's two passes over the gradients)."""
+    w, v, info = lapack.dsyevd(a, lower=1)
+    if info != 0:
+        return np.linalg.eigh(a)  # type: ignore[return-value]
+    return w, v
+
+
 def flag_coefficients(g: Tensor, r: int, max_iter: int, eps: float, lam: float = 0.0) -> Tensor:
     """From the raw Gram matrix ``g`` (``n x n``): ``c`` such that the Flag aggregate is ``sum_i c_i x_i``.
 
@@ -72,7 +83,7 @@ def flag_coefficients(g: Tensor, r: int, max_iter: int, eps: float, lam: float =
     inv = 1.0 / np.maximum(norms, 1e-12)  # as F.normalize: zero rows stay zero
     gh = gm * inv[:, None] * inv[None, :]
     gh = 0.5 * (gh + gh.T)
-    evals, evecs = np.linalg.eigh(gh)
+    evals, evecs = _eigh(gh)
     top = float(evals.max()) if n else 0.0
     keep = evals > _RANK_TOL * top if top > 0 else np.zeros(n, dtype=bool)
     if not bool(keep.any()):
@@ -92,7 +103,7 @@ def flag_coefficients(g: Tensor, r: int, max_iter: int, eps: float, lam: float =
     prev = float(n)  # the objective at the reference's random start: every sine is ~1
     for _ in range(max_iter):
         a = (z * w2) @ z.T if pair is None else z @ _weight_matrix(w2, pair) @ z.T
-        e = np.linalg.eigh(a)[1][:, k - r_eff:]  # symmetric by construction; eigh reads one triangle
+        e = _eigh(a)[1][:, k - r_eff:]  # symmetric by construction; one triangle is read
         p = e.T @ z
         sinsq = 1.0 - (p * p).sum(axis=0)
         objective = float(np.sqrt(np.clip(sinsq, 0.0, None)).sum())

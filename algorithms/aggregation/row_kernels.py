@@ -28,6 +28,7 @@ before the import), which is how the CPU tests check them.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -94,6 +95,11 @@ _tables: dict[tuple[int, int, int, str], tuple[Tensor, Tensor, Tensor]] = {}
 last_launch: Any = None  # the last compiled launch (the sweep reads its registers and spills)
 
 
+def _on_device(x: Tensor) -> Any:
+    """Triton launches on the current CUDA device: make it ``x``'s."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _tables_for(n: int, rb: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """The row-block pairs ``a <= b`` and, for every entry ``(i, j)`` of the ``n x n`` Gram matrix,
     its place in the summed ``[pairs, rb, rb]`` partials (the transposed place below the diagonal)."""
@@ -128,15 +134,15 @@ def gram_triton(x: Tensor, row_block: int = ROW_BLOCK, block: int = BLOCK, span:
                         device=x.device)
     extra = {} if num_stages is None else {"num_stages": num_stages}
     masked_rows = n % rb != 0
-    if full:  # whole stretches: no column mask
-        last_launch = _kernel[(full * pairs,)](x, parts, block_a, block_b, n, full * span, x.stride(0), pairs,
-                                               RB=rb, BLOCK=block, SPAN=span, MASK_ROWS=masked_rows,
-                                               MASK_COLS=False, num_warps=num_warps, **extra)
-    if tail or not full:  # the ragged end (or an empty x): one masked stretch
-        rest = x[:, full * span:]
-        _kernel[(pairs,)](rest, parts[full * pairs:], block_a, block_b, n, tail, x.stride(0), pairs,
-                          RB=rb, BLOCK=block, SPAN=span, MASK_ROWS=masked_rows, MASK_COLS=True,
-                          num_warps=num_warps, **extra)
+    with _on_device(x):
+        if full:  # whole stretches: no column mask
+            last_launch = _kernel[(full * pairs,)](x, parts, block_a, block_b, n, full * span, x.stride(0), pairs,
+                                                   RB=rb, BLOCK=block, SPAN=span, MASK_ROWS=masked_rows,
+                                                   MASK_COLS=False, num_warps=num_warps, **extra)
+        if tail or not full:  # the ragged end (or an empty x): one masked stretch
+            _kernel[(pairs,)](x[:, full * span:], parts[full * pairs:], block_a, block_b, n, tail, x.stride(0),
+                              pairs, RB=rb, BLOCK=block, SPAN=span, MASK_ROWS=masked_rows, MASK_COLS=True,
+                              num_warps=num_warps, **extra)
     summed = parts.view(-1, pairs * rb * rb).sum(dim=0, dtype=torch.float64)
     return summed[where]
 
@@ -172,10 +178,11 @@ def combine_triton(coef: Tensor, x: Tensor, block: int = BLOCK_C, num_warps: int
     c = coef.to(device=x.device, dtype=torch.float32).contiguous()
     out = torch.empty(length, dtype=x.dtype, device=x.device)
     full, tail = divmod(length, block)
-    if full:
-        _combine_kernel[(full,)](x, c, out, full * block, x.stride(0), N=n, BLOCK_C=block, MASK=False,
-                                 num_warps=num_warps)
-    if tail:
-        _combine_kernel[(1,)](x[:, full * block:], c, out[full * block:], tail, x.stride(0), N=n, BLOCK_C=block,
-                              MASK=True, num_warps=num_warps)
+    with _on_device(x):
+        if full:
+            _combine_kernel[(full,)](x, c, out, full * block, x.stride(0), N=n, BLOCK_C=block, MASK=False,
+                                     num_warps=num_warps)
+        if tail:
+            _combine_kernel[(1,)](x[:, full * block:], c, out[full * block:], tail, x.stride(0), N=n,
+                                  BLOCK_C=block, MASK=True, num_warps=num_warps)
     return out

@@ -92,3 +92,18 @@ def test_flag_agrees_with_and_without_the_kernel(n: int, monkeypatch: pytest.Mon
     cos = torch.nn.functional.cosine_similarity(with_kernel, without, dim=0)
     assert float(cos) > 1 - 1e-6
     assert float((with_kernel - without).norm() / without.norm()) < 1e-4
+
+
+@pytest.mark.skipif(not (torch.cuda.device_count() > 1 and row_kernels.triton is not None),
+                    reason="needs two CUDA GPUs and Triton")
+def test_kernels_run_on_the_tensors_gpu_not_the_current_one() -> None:
+    g = torch.Generator().manual_seed(2)
+    cpu = torch.randn(5, 100_000, generator=g)
+    coef = torch.randn(5, generator=g, dtype=torch.float64)
+    torch.cuda.set_device(0)
+    x = cpu.to("cuda:1")
+    got = row_kernels.gram_triton(x)
+    assert got.device == x.device
+    torch.testing.assert_close(got.cpu(), cpu.double() @ cpu.double().T, rtol=1e-5, atol=1e-3)
+    value = row_kernels.combine_triton(coef, x)
+    torch.testing.assert_close(value.cpu().double(), coef @ cpu.double(), rtol=1e-5, atol=1e-4)
