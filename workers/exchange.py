@@ -14,8 +14,8 @@ takes the first under ddp and the second under deepspeed, either may be named un
   which is a sum over coordinate blocks: pass 1 gathers the buckets and sums their Gram
   matrices, the rule decides in worker space, pass 2 gathers the buckets again and applies the
   decision. When the gathered gradients fit in ``keep_elems`` (``world x d`` values, 2 GiB of
-  fp32 by default) pass 1 keeps its buckets and pass 2 gathers nothing; above it, pass 2 gathers
-  the buckets again, so memory stays bounded at twice the communication.
+  fp32 by default), or are one bucket, pass 1 keeps its buckets and pass 2 gathers nothing; otherwise
+  pass 2 gathers the buckets again, so memory stays bounded at twice the communication.
 * ``shard`` -> :class:`ShardExchange`, a robust reduce-scatter: an all-to-all sends shard
   ``j`` of every rank's gradient to rank ``j``, so each rank holds all ``n`` workers' values of the
   shard it owns (``d`` numbers, as many as its own gradient); it aggregates that shard, and an
@@ -126,7 +126,7 @@ class _RobustExchange:
 
 
 class GatherExchange(_RobustExchange):
-    """``ddp``: bucketed all-gather, every rank applies the rule (see the module docstring)."""
+    """``gather`` (ddp's default): bucketed all-gather, every rank applies the rule (see the module docstring)."""
 
     def __init__(self, spec: ExperimentSpec, rank: int, world: int, *, bucket_elems: int = DEFAULT_BUCKET,
                  keep_elems: int = DEFAULT_KEEP) -> None:
@@ -149,8 +149,9 @@ class GatherExchange(_RobustExchange):
         spans = [(s, min(s + self.bucket, d)) for s in range(0, d, self.bucket)]
         with_mass = bool(self.byzantine)
         rule_s = comm_s = 0.0
-        # pass 1's buckets are kept for pass 2 when all of them fit (world x d <= keep_elems)
-        kept: dict[int, Tensor] | None = {} if self.world * d <= self.keep else None
+        # pass 1's buckets are kept for pass 2 when all of them fit (world x d <= keep_elems); a single
+        # bucket always is: pass 2 would allocate the same buffer to gather it again
+        kept: dict[int, Tensor] | None = {} if self.world * d <= self.keep or len(spans) == 1 else None
 
         def rows(s: int, e: int) -> Tensor:
             nonlocal comm_s
@@ -192,7 +193,7 @@ class GatherExchange(_RobustExchange):
 
 
 class ShardExchange(_RobustExchange):
-    """``deepspeed``: robust reduce-scatter (all-to-all, rule on the owned shard, all-gather)."""
+    """``shard`` (deepspeed's default): robust reduce-scatter (all-to-all, rule on the owned shard, all-gather)."""
 
     def __init__(self, spec: ExperimentSpec, rank: int, world: int, *, exact_shards: bool = True) -> None:
         super().__init__(spec, rank, world)
