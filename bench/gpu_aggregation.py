@@ -21,17 +21,21 @@ exchange; then rank 0 times the rules. Run alone, it says that the collectives w
     python bench/gpu_aggregation.py --ref-path .ref/FlagAggregator
     torchrun --nproc_per_node 2 bench/gpu_aggregation.py --ref-path .ref/FlagAggregator
     python bench/gpu_aggregation.py --quick --device cpu [--ref-path ...]   # a smoke test
-    python bench/gpu_aggregation.py --gram-sweep --sizes 25e6 100e6          # Gram kernel vs bmm
+    python bench/gpu_aggregation.py --gram-sweep --sizes 25e6 100e6          # the kernels' settings vs torch
 
-``--gram bmm`` times Flag with cuBLAS bmm's Gram instead of the Triton kernel (same GPU, same rows).
+``--gram bmm`` times the rules with torch's path instead of the Triton kernels of
+``algorithms.aggregation.row_kernels`` (cuBLAS bmm for the Gram, matmul for the combination; same GPU,
+same rows).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import io
+import itertools
 import os
 import statistics
 import sys
@@ -223,72 +227,78 @@ def profile(rule_name: str, sizes: list[int], n: int, device: torch.device, reps
 
 
 def gram_sweep(sizes: list[int], ns: list[int], device: torch.device, reps: int) -> None:
-    """The Gram kernel's launch settings against cuBLAS bmm on the same rows: ms, GB/s of ``X`` read,
-    registers and spills per thread, and the largest difference from the bmm result (per entry,
-    relative to ``|x_i| |x_j|``)."""
-    from algorithms.aggregation import base
-
+    """The kernels' launch settings against torch on the same rows: ms, GB/s of ``X`` read, registers
+    and spills per thread, and the largest difference from torch's result (the Gram per entry,
+    relative to ``|x_i| |x_j|``; the combination per coordinate, relative to ``sum_i |c_i x_i|``)."""
     print("| n | d | path | row block | block | span | warps | stages | regs | spills | ms | GB/s | max rel diff |")
     print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for n in ns:
         for d in sizes:
             x = grads(n, d, device)
-            gigabytes = x.numel() * x.element_size() / 1e9
-            row_kernels.ENABLED = False
-            ms, want = timed(lambda x=x: base.gram(x, False), device, reps)  # type: ignore[misc]
-            row_kernels.ENABLED = True
-            scale = want.diagonal().sqrt()
-            scale = scale[:, None] * scale[None, :]
-            print(f"| {n} | {d / 1e6:g}M | bmm | - | - | {base.GRAM_SPLIT} | - | - | - | - | {ms:.3f} | "
-                  f"{gigabytes / ms * 1e3:.0f} | 0 |", flush=True)
-            seen = set()
-            for rb in (4, 8):
-                for block, warps in ((128, 4), (256, 8), (64, 2), (256, 4)):
-                    for span in (16384, 32768):
-                        for stages in (None, 2):
-                            eff_rb = min(rb, max(2, 1 << (n - 1).bit_length()))
-                            if (eff_rb, block, warps, span, stages) in seen:
-                                continue
-                            seen.add((eff_rb, block, warps, span, stages))
-                            def call(x: torch.Tensor = x, r: int = rb, b: int = block, s: int = span,
-                                     w: int = warps, st: int | None = stages) -> torch.Tensor:
-                                return row_kernels.gram_triton(x, row_block=r, block=b, span=s, num_warps=w,
-                                                               num_stages=st)
-                            cfg = f"| {n} | {d / 1e6:g}M | kernel | {eff_rb} | {block} | {span} | {warps} | {stages} |"
-                            try:
-                                ms, got = timed(call, device, reps)
-                            except Exception as exc:  # noqa: BLE001 - a setting the compiler refuses is a row
-                                print(f"{cfg} failed: {type(exc).__name__}: {str(exc)[:80]} |||||")
-                                continue
-                            launch = row_kernels.last_launch
-                            regs, spills = getattr(launch, "n_regs", "?"), getattr(launch, "n_spills", "?")
-                            diff = float(((got - want).abs() / scale).max())
-                            print(f"{cfg} {regs} | {spills} | {ms:.3f} | {gigabytes / ms * 1e3:.0f} | {diff:.1e} |",
-                                  flush=True)
-            coef = torch.randn(n, dtype=torch.float64)
-            row_kernels.ENABLED = False
-            ms, want_v = timed(lambda x=x, c=coef: c.to(x.device, x.dtype) @ x, device, reps)  # type: ignore[misc]
-            row_kernels.ENABLED = True
-            bound = coef.abs().to(device, torch.float32) @ x.abs()
-            print(f"| {n} | {d / 1e6:g}M | combine: torch matmul | - | - | - | - | - | - | - | {ms:.3f} | "
-                  f"{gigabytes / ms * 1e3:.0f} | 0 |", flush=True)
-            for block_c in (1024, 2048, 4096):
-                for warps in (4, 8):
-                    def comb(x: torch.Tensor = x, c: torch.Tensor = coef, b: int = block_c,
-                             w: int = warps) -> torch.Tensor:
-                        return row_kernels.combine_triton(c, x, block=b, num_warps=w)
-                    try:
-                        ms, got_v = timed(comb, device, reps)
-                    except Exception as exc:  # noqa: BLE001 - a setting that fails is a row
-                        print(f"| {n} | {d / 1e6:g}M | combine: kernel | - | {block_c} | - | {warps} | "
-                              f"failed: {type(exc).__name__} ||||||")
-                        continue
-                    diff = float(((got_v - want_v).abs() / bound.clamp_min(1e-30)).max())
-                    print(f"| {n} | {d / 1e6:g}M | combine: kernel | - | {block_c} | - | {warps} | - | - | - | "
-                          f"{ms:.3f} | {gigabytes / ms * 1e3:.0f} | {diff:.1e} |", flush=True)
+            _gram_rows(x, reps)
+            _combine_rows(x, reps)
             del x
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def _torch_path(fn: Callable[[], Any], device: torch.device, reps: int) -> tuple[float, Any]:
+    """``fn`` timed with the kernels off."""
+    row_kernels.ENABLED = False
+    try:
+        return timed(fn, device, reps)
+    finally:
+        row_kernels.ENABLED = True
+
+
+def _gram_rows(x: torch.Tensor, reps: int) -> None:
+    from algorithms.aggregation import base
+
+    n, d = x.shape
+    gigabytes = x.numel() * x.element_size() / 1e9
+    ms, want = _torch_path(lambda: base.gram(x, False), x.device, reps)
+    scale = want.diagonal().sqrt()
+    scale = scale[:, None] * scale[None, :]
+    print(f"| {n} | {d / 1e6:g}M | bmm | - | - | {base.GRAM_SPLIT} | - | - | - | - | {ms:.3f} | "
+          f"{gigabytes / ms * 1e3:.0f} | 0 |", flush=True)
+    seen = set()
+    settings = itertools.product((4, 8), ((128, 4), (256, 8), (64, 2), (256, 4)), (16384, 32768), (None, 2))
+    for rb, (block, warps), span, stages in settings:
+        eff_rb = row_kernels.row_block_for(n, rb)
+        if (eff_rb, block, warps, span, stages) in seen:
+            continue
+        seen.add((eff_rb, block, warps, span, stages))
+        cfg = f"| {n} | {d / 1e6:g}M | kernel | {eff_rb} | {block} | {span} | {warps} | {stages} |"
+        try:
+            ms, got = timed(functools.partial(row_kernels.gram_triton, x, row_block=rb, block=block, span=span,
+                                              num_warps=warps, num_stages=stages), x.device, reps)
+        except Exception as exc:  # noqa: BLE001 - a setting the compiler refuses is a row
+            print(f"{cfg} failed: {type(exc).__name__}: {str(exc)[:80]} |||||")
+            continue
+        launch = row_kernels.last_launch
+        regs, spills = getattr(launch, "n_regs", "?"), getattr(launch, "n_spills", "?")
+        diff = float(((got - want).abs() / scale).max())
+        print(f"{cfg} {regs} | {spills} | {ms:.3f} | {gigabytes / ms * 1e3:.0f} | {diff:.1e} |", flush=True)
+
+
+def _combine_rows(x: torch.Tensor, reps: int) -> None:
+    n, d = x.shape
+    gigabytes = x.numel() * x.element_size() / 1e9
+    coef = torch.randn(n, dtype=torch.float64)
+    ms, want = _torch_path(lambda: coef.to(x.device, x.dtype) @ x, x.device, reps)
+    bound = coef.abs().to(x.device, torch.float32) @ x.abs()
+    print(f"| {n} | {d / 1e6:g}M | combine: torch matmul | - | - | - | - | - | - | - | {ms:.3f} | "
+          f"{gigabytes / ms * 1e3:.0f} | 0 |", flush=True)
+    for block, warps in itertools.product((1024, 2048, 4096), (4, 8)):
+        cfg = f"| {n} | {d / 1e6:g}M | combine: kernel | - | {block} | - | {warps} |"
+        try:
+            ms, got = timed(functools.partial(row_kernels.combine_triton, coef, x, block=block, num_warps=warps),
+                            x.device, reps)
+        except Exception as exc:  # noqa: BLE001 - a setting that fails is a row
+            print(f"{cfg} failed: {type(exc).__name__} ||||||")
+            continue
+        diff = float(((got - want).abs() / bound.clamp_min(1e-30)).max())
+        print(f"{cfg} - | - | - | {ms:.3f} | {gigabytes / ms * 1e3:.0f} | {diff:.1e} |", flush=True)
 
 
 def device_name(device: torch.device) -> str:
@@ -306,13 +316,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU smoke test")
     ap.add_argument("--profile", default=None, metavar="RULE", help="profile one rule (one process) and stop")
     ap.add_argument("--gram-sweep", action="store_true",
-                    help="time the Gram kernel's settings against bmm (n = 2, 4, 16 unless --n is given) and stop")
+                    help="time the kernels' settings against torch (n = 2, 4, 16 unless --n is given) and stop")
     ap.add_argument("--gram", choices=["kernel", "bmm"], default="kernel",
-                    help="Flag's Gram matrix on a GPU: the Triton kernel (where Triton imports) or cuBLAS bmm")
+                    help="the rules' Gram and combination on a GPU: the Triton kernels (where Triton imports) or "
+                         "torch's bmm and matmul")
     args = ap.parse_args()
     row_kernels.ENABLED = args.gram == "kernel"
-    print(f"Gram matrix (raw, on a GPU): {'Triton kernel' if row_kernels.ENABLED and row_kernels.triton else 'bmm'}",
-          flush=True)
+    kernels = "Triton kernels" if row_kernels.ENABLED and row_kernels.triton else "torch"
+    print(f"Gram and combination on a GPU: {kernels}", flush=True)
     if args.quick:
         args.sizes, args.reps, args.ref_reps = [2e4, 1e5], 2, 1
     sizes = [int(s) for s in args.sizes]

@@ -112,7 +112,8 @@ def main() -> None:
     parser.add_argument("--keep-elems", type=int, default=None,
                         help="GatherExchange's keep_elems (0: pass 2 gathers again); default: the exchange's own")
     parser.add_argument("--gram", choices=["kernel", "bmm"], default="kernel",
-                        help="Flag's Gram matrix on a GPU: the Triton kernel (where Triton imports) or cuBLAS bmm")
+                        help="the rules' Gram and combination on a GPU: the Triton kernels (where Triton imports) "
+                             "or torch's bmm and matmul")
     args = parser.parse_args()
     from algorithms.aggregation import row_kernels
 
@@ -131,10 +132,10 @@ def main() -> None:
             torch.cuda.empty_cache()
     if rank == 0:
         name = torch.cuda.get_device_name(device) if use_cuda else "cpu"
-        gram = "Triton kernel" if row_kernels.ENABLED and row_kernels.triton else "bmm"
+        kernels = "Triton" if row_kernels.ENABLED and row_kernels.triton else "torch"
         keep = "default" if args.keep_elems is None else args.keep_elems
         print(f"world size {world} ({name}), float32 gradients, median of {args.iters} steps; "
-              f"Flag's Gram: {gram}; gather keep_elems: {keep}")
+              f"Gram and combination: {kernels}; gather keep_elems: {keep}")
         print("| rule | exchange | d | f | ms/step | x all-reduce |")
         print("| --- | --- | --- | --- | --- | --- |")
         for rule, strategy, d, f, ms, ratio in rows:

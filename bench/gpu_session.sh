@@ -102,7 +102,10 @@ case "$phase" in
     CUDA_VISIBLE_DEVICES=0 run flag_profile_kernel 60 python3 bench/gpu_aggregation.py --profile flag --reps 3
     ;;
   gram_exchange)  # the exchanges on 2 GPUs and on all of them: kernel (gather keeps its buckets) vs bmm (re-gathers)
-    for np in $( [ "$ngpu" -gt 2 ] && echo 2 "$ngpu" || { [ "$ngpu" -gt 1 ] && echo 2; } ); do
+    worlds=""  # 2 GPUs, and all of them when there are more
+    [ "$ngpu" -lt 2 ] || worlds=2
+    [ "$ngpu" -le 2 ] || worlds="2 $ngpu"
+    for np in $worlds; do
       devs=$(seq -s, 0 $((np - 1)))
       CUDA_VISIBLE_DEVICES=$devs run exchange_${np}gpu_kernel 100 torchrun --nproc_per_node "$np" bench/gpu_exchange.py \
         --iters 5 --rules flag geometric_median mean

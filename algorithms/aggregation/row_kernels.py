@@ -39,14 +39,14 @@ tl: Any = None
 try:
     import triton  # type: ignore[no-redef]
     import triton.language as tl  # type: ignore[no-redef]
-except ImportError:  # the CPU-only install may lack Triton: base.gram uses its bmm path
+except ImportError:  # the CPU-only install may lack Triton: the rules use torch's bmm and matmul
     pass
 
-ENABLED = True  # the benchmarks turn this off to time the bmm path on the same GPU
+ENABLED = True  # the benchmarks turn this off to time torch's path on the same GPU
 MAX_ROWS = 64
-# The defaults won `bench/gpu_aggregation.py --gram-sweep` on an H200 (run15-gram_sweep.log): for n = 16,
-# 0.98 / 3.57 ms at d = 25M / 100M (1.6-1.8 TB/s; cuBLAS bmm 1.59 / 5.78 ms); n = 2 and 4 read at 2.4-3 TB/s.
-# Row blocks of 16 (256 accumulators a thread) spill registers and run 8-30x slower.
+# The defaults won `bench/gpu_aggregation.py --gram-sweep` on an H200 (run15, run17): for n = 16 the Gram
+# takes 0.89 / 3.12 ms at d = 25M / 100M (1.8-2.0 TB/s; cuBLAS bmm 1.60 / 5.86 ms, run18); n = 2 and 4 read
+# at 2.3-2.5 TB/s at 100M. Row blocks of 16 (256 accumulators a thread) spill registers and run 2-30x slower.
 ROW_BLOCK = 8  # rows per block: RB x RB x (columns per thread) accumulators per thread
 BLOCK = 128  # coordinates per tile (one per thread at 4 warps)
 SPAN = 16384  # coordinates per program (and per fp32 partial)
@@ -91,7 +91,7 @@ def _gram_pair_partials(x_ptr, out_ptr, block_a_ptr, block_b_ptr, n, length, str
 
 
 _kernel = triton.jit(_gram_pair_partials) if triton is not None else None
-_tables: dict[tuple[int, int, int, str], tuple[Tensor, Tensor, Tensor]] = {}
+_tables: dict[tuple[int, int, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
 last_launch: Any = None  # the last compiled launch (the sweep reads its registers and spills)
 
 
@@ -100,10 +100,16 @@ def _on_device(x: Tensor) -> Any:
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
+def row_block_for(n: int, row_block: int = ROW_BLOCK) -> int:
+    """Rows per block for ``n`` rows: ``row_block``, or one block (a power of two, at least 2) when
+    ``n`` fits in it."""
+    return min(row_block, max(2, 1 << (n - 1).bit_length()))
+
+
 def _tables_for(n: int, rb: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """The row-block pairs ``a <= b`` and, for every entry ``(i, j)`` of the ``n x n`` Gram matrix,
     its place in the summed ``[pairs, rb, rb]`` partials (the transposed place below the diagonal)."""
-    key = (n, rb, 0, str(device))
+    key = (n, rb, device)
     if key not in _tables:
         blocks = -(-n // rb)
         a, b = torch.triu_indices(blocks, blocks)
@@ -126,7 +132,7 @@ def gram_triton(x: Tensor, row_block: int = ROW_BLOCK, block: int = BLOCK, span:
     if x.shape[1] and x.stride(1) != 1:
         x = x.contiguous()
     n, length = x.shape
-    rb = min(row_block, max(2, triton.next_power_of_2(n)))  # a single block when n <= row_block
+    rb = row_block_for(n, row_block)
     block_a, block_b, where = _tables_for(n, rb, x.device)
     pairs = block_a.numel()
     full, tail = divmod(length, span)
