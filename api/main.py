@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from sqlalchemy import text
 
 from api.deps import AppState
 from api.errors import BodySizeLimit, install_error_handlers
@@ -13,6 +14,7 @@ from api.routes import experiments, runs, system
 from service.control import ControlLoop
 from service.db import engine_for, require_migrated, session_factory
 from service.launcher import Launcher, RayJobLauncher
+from service.readiness import Readiness
 from service.reconciler import Reconciler
 from service.scheduler import Scheduler
 from service.settings import Settings, get_settings
@@ -30,11 +32,19 @@ def build_state(settings: Settings, launcher: Launcher | None = None, tracker: T
     if settings.background:
         control = ControlLoop(
             Scheduler(sessions, launcher, tracker, max_concurrent=settings.max_concurrent_runs,
-                      storage_path=settings.resolved_storage_path, job_python=settings.job_python),
+                      storage_path=settings.resolved_storage_path, job_python=settings.job_python,
+                      max_attempts=settings.dispatch_max_attempts, retry_delay_s=settings.dispatch_retry_delay_s),
             Reconciler(sessions, launcher, tracker),
             interval_s=min(settings.scheduler_interval_s, settings.reconciler_interval_s),
         )
-    return AppState(settings=settings, sessions=sessions, launcher=launcher, tracker=tracker, control=control)
+    def database() -> None:
+        with sessions() as session:
+            session.execute(text("SELECT 1"))
+
+    readiness = Readiness({"database": database, "ray": launcher.ping, "mlflow": tracker.ping},
+                          timeout_s=settings.readiness_timeout_s)
+    return AppState(settings=settings, sessions=sessions, launcher=launcher, tracker=tracker, control=control,
+                    readiness=readiness)
 
 
 def create_app(settings: Settings | None = None, *, launcher: Launcher | None = None,
@@ -55,6 +65,7 @@ def create_app(settings: Settings | None = None, *, launcher: Launcher | None = 
         finally:
             if state.control is not None:
                 state.control.stop()
+            state.readiness.close()
 
     app = FastAPI(title="Orchestra", version="0.1.0", lifespan=lifespan,
                   description="Experiment orchestration for optimization research")

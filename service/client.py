@@ -41,7 +41,7 @@ class Client:
         return self._json(self.http.get(f"/v1/experiments/{experiment_id}"))  # type: ignore[no-any-return]
 
     def experiments(self, limit: int = 50, after: str | None = None) -> dict[str, Any]:
-        params: dict[str, Any] = {"limit": limit, **({"after": after} if after else {})}
+        params: dict[str, Any] = {"limit": limit, **({"cursor": after} if after else {})}
         return self._json(self.http.get("/v1/experiments", params=params))  # type: ignore[no-any-return]
 
     def run(self, run_id: str) -> dict[str, Any]:

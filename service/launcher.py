@@ -4,7 +4,6 @@
 drive the scheduler and reconciler without a cluster (integration tests use real Ray).
 """
 
-import json
 import logging
 import shlex
 import sys
@@ -38,12 +37,14 @@ def worker_entrypoint(run_id: str, python: str = "") -> str:
     return f"{shlex.quote(python or sys.executable)} -m workers.entrypoint {shlex.quote(run_id)}"
 
 
-def job_env(*, run_id: str, experiment_id: str, resolved_spec: dict[str, Any], mlflow_uri: str,
-            mlflow_run_id: str, storage_path: str) -> dict[str, str]:
+def job_env(*, run_id: str, experiment_id: str, mlflow_uri: str, mlflow_run_id: str,
+            storage_path: str) -> dict[str, str]:
+    """The job's environment: where to find things, never the spec itself (the job reads the
+    resolved spec from its MLflow run, ``Tracker.put_spec``): an environment string is capped at
+    128 KiB on Linux, and Ray shows a job's environment in its dashboard and logs."""
     return {
         "ORCHESTRA_RUN_ID": run_id,
         "ORCHESTRA_EXPERIMENT_ID": experiment_id,
-        "ORCHESTRA_SPEC": json.dumps(resolved_spec, separators=(",", ":")),
         "MLFLOW_TRACKING_URI": mlflow_uri,
         "ORCHESTRA_MLFLOW_RUN_ID": mlflow_run_id,
         "ORCHESTRA_STORAGE_PATH": storage_path,

@@ -1,13 +1,19 @@
 """The scheduler: queued runs -> Ray jobs, by priority then FIFO, within the concurrency limit.
 
-Dispatch is crash-safe: the MLflow run is created (or found by tag) and stored first, the Ray job
-is submitted under an id derived from the run id (a second submit is refused by Ray and treated as
-done), and only then is the run marked ``dispatched``. A crash at any point repeats the same steps
-without a second job.
+Dispatch is crash-safe: the MLflow run is created (or found by tag) and the resolved spec stored
+on it, the Ray job is submitted under an id derived from the run id (a second submit is refused by
+Ray and treated as done), and only then is the run marked ``dispatched``, in one commit. A crash
+at any point repeats the same steps without a second job.
+
+A dispatch that fails is charged to its run only when Ray and MLflow both answer (a refusal of
+this run, such as a runtime environment Ray will not take): the run is retried with a growing
+delay and the reason stays visible on it, and after ``max_attempts`` it fails with that reason.
+The scheduler goes on to the next queued run either way, so one run never holds back the others.
+When Ray or MLflow does not answer, nothing is dispatched and no run is charged.
 """
 
 import logging
-from typing import Any
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -19,20 +25,24 @@ from service.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
+REASON_CHARS = 2000
+
 
 class Scheduler:
     def __init__(self, sessions: sessionmaker[Session], launcher: Launcher, tracker: Tracker, *,
-                 max_concurrent: int, storage_path: str, job_python: str = "") -> None:
+                 max_concurrent: int, storage_path: str, job_python: str = "",
+                 max_attempts: int = 3, retry_delay_s: float = 5.0) -> None:
         self.sessions = sessions
         self.launcher = launcher
         self.tracker = tracker
         self.max_concurrent = max_concurrent
         self.job_python = job_python
         self.storage_path = storage_path
+        self.max_attempts = max_attempts
+        self.retry_delay_s = retry_delay_s
 
     def tick(self) -> int:
         """One pass; returns how many runs were dispatched."""
-        dispatched = 0
         with self.sessions() as session:
             for row in runs_repo.cancel_requested_queued(session):
                 transition(row, RunStatus.CANCELLED, error="cancelled before dispatch")
@@ -40,31 +50,77 @@ class Scheduler:
             free = self.max_concurrent - runs_repo.count_active(session)
             if free <= 0:
                 return 0
-            for row in runs_repo.queued_rows(session, free):
-                try:
-                    self._dispatch(session, row)
-                    dispatched += 1
-                except Exception as exc:  # a down MLflow or Ray: leave queued, retry next tick
-                    session.rollback()
-                    log.warning("dispatch of run %s deferred: %s", row.id, exc)
-                    break
+            ids = [row.id for row in runs_repo.queued_rows(session, free, due_before=datetime.now(UTC))]
+            session.rollback()
+        if not ids:
+            return 0
+        down = self._down()
+        if down:
+            log.warning("dispatch deferred: %s not answering", ", ".join(down))
+            return 0
+        dispatched = 0
+        for run_id in ids:
+            dispatched += self._dispatch_one(run_id)
         return dispatched
 
+    def _down(self) -> list[str]:
+        down = []
+        for name, ping in (("ray", self.launcher.ping), ("mlflow", self.tracker.ping)):
+            try:
+                ping()
+            except Exception:
+                down.append(name)
+        return down
+
+    def _dispatch_one(self, run_id: str) -> int:
+        """Dispatch one run in a transaction of its own; 1 if it was dispatched."""
+        with self.sessions() as session:
+            row = runs_repo.lock_queued(session, run_id)
+            if row is None:  # taken, cancelled or no longer queued since the read
+                return 0
+            try:
+                self._dispatch(session, row)
+                session.commit()
+                log.info("run %s dispatched as Ray job %s", row.id, row.ray_submission_id)
+                return 1
+            except Exception as exc:
+                session.rollback()
+                reason = f"{type(exc).__name__}: {exc}"[:REASON_CHARS]
+                if self._down():
+                    log.warning("dispatch of run %s deferred (a dependency went away): %s", run_id, reason)
+                    return 0
+                self._charge(session, run_id, reason)
+                return 0
+
     def _dispatch(self, session: Session, row: RunRow) -> None:
-        spec: dict[str, Any] = row.experiment.resolved_spec
-        if row.mlflow_run_id is None:
-            row.mlflow_run_id = self.tracker.ensure_run(run_id=row.id, experiment_id=row.experiment_id,
-                                                        spec=spec)
-            session.commit()
+        spec = row.experiment.resolved_spec
+        row.mlflow_run_id = self.tracker.ensure_run(run_id=row.id, experiment_id=row.experiment_id, spec=spec)
+        self.tracker.put_spec(row.mlflow_run_id, spec)
         sid = submission_id_for(row.id)
         self.launcher.submit(
             submission_id=sid,
             entrypoint=worker_entrypoint(row.id, self.job_python),
-            env=job_env(run_id=row.id, experiment_id=row.experiment_id, resolved_spec=spec,
-                        mlflow_uri=self.tracker.uri, mlflow_run_id=row.mlflow_run_id, storage_path=self.storage_path),
+            env=job_env(run_id=row.id, experiment_id=row.experiment_id, mlflow_uri=self.tracker.uri,
+                        mlflow_run_id=row.mlflow_run_id, storage_path=self.storage_path),
             num_cpus=0,  # the driver only coordinates; Ray Train's workers claim the resources
         )
         row.ray_submission_id = sid
+        row.error = None
         transition(row, RunStatus.DISPATCHED)
+
+    def _charge(self, session: Session, run_id: str, reason: str) -> None:
+        """Count a failed dispatch against the run: retry later, or fail it after max_attempts."""
+        row = runs_repo.lock_queued(session, run_id)
+        if row is None:
+            return
+        row.dispatch_attempts += 1
+        if row.dispatch_attempts >= self.max_attempts:
+            transition(row, RunStatus.FAILED, error=f"dispatch failed {row.dispatch_attempts} times: {reason}")
+            log.warning("run %s failed: dispatch refused %d times: %s", run_id, row.dispatch_attempts, reason)
+        else:
+            delay = self.retry_delay_s * 2 ** (row.dispatch_attempts - 1)
+            row.next_dispatch_at = datetime.now(UTC) + timedelta(seconds=delay)
+            row.error = (f"dispatch attempt {row.dispatch_attempts} of {self.max_attempts} failed "
+                         f"(retrying in {delay:.0f}s): {reason}")
+            log.warning("run %s: %s", run_id, row.error)
         session.commit()
-        log.info("run %s dispatched as Ray job %s", row.id, sid)

@@ -18,6 +18,11 @@ class Settings(BaseSettings):
     api_tokens: str = Field(default="", description="comma-separated bearer tokens; empty = no auth")
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_concurrent_runs: int = Field(default=4, ge=1)
+    dispatch_max_attempts: int = Field(default=3, ge=1, description="a run whose dispatch Ray or MLflow "
+                                       "refuses this many times (while both answer) fails with the reason")
+    dispatch_retry_delay_s: float = Field(default=5.0, ge=0, description="delay before the second dispatch "
+                                          "attempt of a refused run; doubled at each further attempt")
+    readiness_timeout_s: float = Field(default=0.8, gt=0, le=5, description="each dependency check of /readyz")
     scheduler_interval_s: float = Field(default=1.0, gt=0)
     reconciler_interval_s: float = Field(default=1.0, gt=0)
     background: bool = Field(default=True, description="run scheduler + reconciler in the API process")

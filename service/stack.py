@@ -17,6 +17,9 @@ from pathlib import Path
 import httpx
 
 
+API_SECRETS = frozenset({"ORCHESTRA_API_TOKENS", "ORCHESTRA_API_TOKEN"})
+
+
 def free_port(preferred: int) -> int:
     """``preferred`` if nothing listens there, else a free port from the OS."""
     for port in (preferred, 0):
@@ -78,7 +81,10 @@ class Stack:
 
     def _spawn(self, name: str, cmd: list[str], **extra_env: str) -> None:
         log = open(self.home / "logs" / f"{name}.log", "ab")
-        env = {**os.environ, **self.env(), **extra_env}
+        # The API's own secrets stay in the API: the Ray head passes its environment on to every
+        # job driver and worker, and MLflow has no use for them.
+        inherited = {k: v for k, v in os.environ.items() if k not in API_SECRETS}
+        env = {**inherited, **self.env(), **extra_env}
         self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                            start_new_session=True))
 

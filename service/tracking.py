@@ -3,9 +3,13 @@ known at once and survives restarts), and close it if the job dies without doing
 
 from typing import Any
 
+import httpx
 from mlflow.tracking import MlflowClient
 
+from service.spec import SPEC_ARTIFACT
+
 RUN_TAG = "orchestra.run_id"
+PING_TIMEOUT_S = 0.8
 
 
 class Tracker:
@@ -45,10 +49,19 @@ class Tracker:
         tags.update({f"user.{k}": v for k, v in spec.get("tags", {}).items()})
         return str(self.client.create_run(mlflow_exp, tags=tags).info.run_id)
 
+    def put_spec(self, mlflow_run_id: str, resolved: dict[str, Any]) -> None:
+        """Store the resolved spec on the MLflow run: the job reads it from there."""
+        self.client.log_dict(mlflow_run_id, resolved, SPEC_ARTIFACT)
+
     def close_if_open(self, mlflow_run_id: str, status: str) -> None:
         run = self.client.get_run(mlflow_run_id)
         if run.info.status in ("RUNNING", "SCHEDULED"):
             self.client.set_terminated(mlflow_run_id, status=status)
 
     def ping(self) -> None:
-        self.client.search_experiments(max_results=1)
+        """Raise unless the tracking server answers, within a second (MLflow's client retries a
+        down server for minutes, which would stall the scheduler and ``/readyz``)."""
+        if self.uri.startswith(("http://", "https://")):
+            httpx.get(f"{self.uri.rstrip('/')}/health", timeout=PING_TIMEOUT_S).raise_for_status()
+        else:
+            self.client.search_experiments(max_results=1)

@@ -9,8 +9,8 @@ from tests.fakes import MemoryLauncher, MemoryTracker
 
 
 def make_client(url: str, *, tokens: str = "", max_body: int = 1_048_576,
-                launcher: MemoryLauncher | None = None) -> TestClient:
+                launcher: MemoryLauncher | None = None, tracker: object | None = None) -> TestClient:
     upgrade(url)
     settings = Settings(database_url=url, background=False, api_tokens=tokens, max_body_bytes=max_body)
-    app = create_app(settings, launcher=launcher or MemoryLauncher(), tracker=MemoryTracker())  # type: ignore[arg-type]
+    app = create_app(settings, launcher=launcher or MemoryLauncher(), tracker=tracker or MemoryTracker())  # type: ignore[arg-type]
     return TestClient(app)

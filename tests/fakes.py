@@ -12,12 +12,15 @@ class MemoryLauncher:
     submits: int = 0
     stopped: list[str] = field(default_factory=list)
     fail_submit: bool = False
+    refuse: set[str] = field(default_factory=set)  # submission ids Ray refuses (while it answers)
 
     def submit(self, *, submission_id: str, entrypoint: str, env: dict[str, str],
                num_cpus: float = 0, num_gpus: float = 0) -> bool:
         self.submits += 1
         if self.fail_submit:
             raise ConnectionError("ray down")
+        if submission_id in self.refuse:
+            raise RuntimeError("Request failed with status code 413: request entity too large")
         if submission_id in self.jobs:
             return False
         self.jobs[submission_id] = JobState("PENDING")
@@ -47,9 +50,13 @@ class MemoryTracker:
     uri: str = "http://mlflow.invalid"
     runs: dict[str, str] = field(default_factory=dict)
     closed: dict[str, str] = field(default_factory=dict)
+    specs: dict[str, dict] = field(default_factory=dict)  # type: ignore[type-arg]
 
     def ensure_run(self, *, run_id: str, experiment_id: str, spec: dict) -> str:  # type: ignore[type-arg]
         return self.runs.setdefault(run_id, f"mlflow-{run_id[:8]}")
+
+    def put_spec(self, mlflow_run_id: str, resolved: dict) -> None:  # type: ignore[type-arg]
+        self.specs[mlflow_run_id] = resolved
 
     def close_if_open(self, mlflow_run_id: str, status: str) -> None:
         self.closed[mlflow_run_id] = status

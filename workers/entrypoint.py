@@ -1,16 +1,27 @@
 """The Ray job's entrypoint: ``python -m workers.entrypoint RUN_ID``.
 
-Loads the spec the control plane resolved (validated again here), runs it, closes the MLflow run.
+Loads the spec the control plane resolved from the run's MLflow run (validated once here), runs
+it, closes the MLflow run.
 """
 
 import json
 import os
 import sys
+import tempfile
 import traceback
+from pathlib import Path
 from typing import Any
 
-from service.spec import ExperimentSpec
+from mlflow.tracking import MlflowClient
+
+from service.spec import SPEC_ARTIFACT, ExperimentSpec
 from workers.mlflow_log import RunLogger
+
+
+def load_spec(mlflow_uri: str, mlflow_run_id: str) -> ExperimentSpec:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = MlflowClient(tracking_uri=mlflow_uri).download_artifacts(mlflow_run_id, SPEC_ARTIFACT, tmp)
+        return ExperimentSpec.model_validate(json.loads(Path(path).read_text()))
 
 
 def main(argv: list[str]) -> int:
@@ -18,9 +29,9 @@ def main(argv: list[str]) -> int:
         print("usage: python -m workers.entrypoint RUN_ID", file=sys.stderr)
         return 2
     run_id = argv[1]
-    spec = ExperimentSpec.model_validate(json.loads(os.environ["ORCHESTRA_SPEC"]))
     mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     mlflow_run_id = os.environ.get("ORCHESTRA_MLFLOW_RUN_ID", "")
+    spec = load_spec(mlflow_uri, mlflow_run_id)
     storage = os.environ.get("ORCHESTRA_STORAGE_PATH") or os.path.expanduser("~/.orchestra/ray_results")
     logger = RunLogger(mlflow_uri, mlflow_run_id)
     kwargs: dict[str, Any] = {"run_id": run_id, "mlflow_uri": mlflow_uri, "mlflow_run_id": mlflow_run_id}

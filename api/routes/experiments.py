@@ -1,16 +1,18 @@
 """/v1/experiments: submit (JSON or YAML, idempotent), list, read, cancel."""
 
-from typing import Annotated
+import json
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import AuthDep, SessionDep, StateDep
+from api.deps import AuthDep, ExperimentId, SessionDep, StateDep, known_shape
 from api.schemas import ErrorBody, ExperimentPage, ExperimentPublic
 from service.domain import Experiment
 from service.repo import experiments as exp_repo
 from service.repo import runs as runs_repo
-from service.spec.parse import load_document, validate_document
+from service.spec import ExperimentSpec
+from service.spec.parse import SpecError, load_document, validate_document
 
 router = APIRouter(prefix="/v1/experiments", tags=["experiments"], dependencies=[AuthDep])
 
@@ -28,8 +30,18 @@ async def submit_experiment(
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> ExperimentPublic:
     """Validate the spec (JSON, or YAML with Content-Type application/yaml) and queue its run."""
-    raw = load_document(await request.body(), request.headers.get("content-type", "application/json"))
-    spec = validate_document(raw)
+    body = await request.body()
+    content_type = request.headers.get("content-type", "application/json")
+
+    def validate() -> tuple[dict[str, Any], ExperimentSpec]:  # CPU work (a sweep's trials): off the loop
+        raw = load_document(body, content_type)
+        # The limit holds for what is stored, after YAML's aliases are expanded, not only the body.
+        if len(json.dumps(raw, separators=(",", ":"))) > state.settings.max_body_bytes:
+            raise SpecError([{"field": "body", "message": f"the spec is over {state.settings.max_body_bytes} "
+                              "bytes once expanded"}], 413)
+        return raw, validate_document(raw)
+
+    raw, spec = await run_in_threadpool(validate)
 
     def store() -> tuple[Experiment, bool]:  # blocking database work: off the event loop
         exp, created = exp_repo.create_experiment(session, spec=raw, resolved=spec.resolved(),
@@ -52,17 +64,21 @@ async def submit_experiment(
 def list_experiments(
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    after: Annotated[str | None, Query(max_length=64, description="the `next` of the previous page")] = None,
+    cursor: Annotated[str | None, Query(max_length=64, description="the `next` of the previous page")] = None,
+    after: Annotated[str | None, Query(max_length=64, description="the same as `cursor` (its older name)")] = None,
 ) -> ExperimentPage:
+    after = cursor or after
     try:
+        if after is not None:
+            known_shape("experiment", after)
         items, nxt = exp_repo.list_experiments(session, limit=limit, after=after)
-    except KeyError:
-        raise HTTPException(400, f"after: no experiment {after!r}") from None
+    except (KeyError, HTTPException):
+        raise HTTPException(400, f"cursor: no experiment {after!r}") from None
     return ExperimentPage(items=[ExperimentPublic.of(e) for e in items], next=nxt)
 
 
 @router.get("/{experiment_id}", response_model=ExperimentPublic)
-def get_experiment(experiment_id: str, session: SessionDep) -> ExperimentPublic:
+def get_experiment(experiment_id: ExperimentId, session: SessionDep) -> ExperimentPublic:
     exp = exp_repo.get_experiment(session, experiment_id)
     if exp is None:
         raise HTTPException(404, f"no experiment {experiment_id!r}")
@@ -70,7 +86,7 @@ def get_experiment(experiment_id: str, session: SessionDep) -> ExperimentPublic:
 
 
 @router.post("/{experiment_id}/cancel", status_code=202, response_model=ExperimentPublic)
-def cancel_experiment(experiment_id: str, state: StateDep, session: SessionDep) -> ExperimentPublic:
+def cancel_experiment(experiment_id: ExperimentId, state: StateDep, session: SessionDep) -> ExperimentPublic:
     """Ask for every unfinished run to stop; the reconciler stops the Ray jobs and records it."""
     if exp_repo.get_experiment(session, experiment_id) is None:
         raise HTTPException(404, f"no experiment {experiment_id!r}")

@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
 
-from api.deps import AuthDep, SessionDep, StateDep
+from api.deps import AuthDep, RunId, SessionDep, StateDep
 from api.schemas import RunLogs, RunPublic
 from service.repo import runs as runs_repo
 
@@ -12,7 +12,7 @@ router = APIRouter(prefix="/v1/runs", tags=["runs"], dependencies=[AuthDep])
 
 
 @router.get("/{run_id}", response_model=RunPublic)
-def get_run(run_id: str, session: SessionDep) -> RunPublic:
+def get_run(run_id: RunId, session: SessionDep) -> RunPublic:
     run = runs_repo.get_run(session, run_id)
     if run is None:
         raise HTTPException(404, f"no run {run_id!r}")
@@ -21,7 +21,7 @@ def get_run(run_id: str, session: SessionDep) -> RunPublic:
 
 @router.get("/{run_id}/logs", response_model=RunLogs)
 def get_run_logs(
-    run_id: str, session: SessionDep, state: StateDep,
+    run_id: RunId, session: SessionDep, state: StateDep,
     tail: Annotated[int, Query(ge=1, le=100_000)] = 200,
 ) -> RunLogs:
     run = runs_repo.get_run(session, run_id)

@@ -1,8 +1,9 @@
 """Runs: read, the scheduler's queue, the reconciler's active set, cancellation requests."""
 
 from collections.abc import Sequence
+from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from service.domain import Run
@@ -19,17 +20,23 @@ def get_run_row(session: Session, run_id: str) -> RunRow | None:
     return session.get(RunRow, run_id)
 
 
-def queued_rows(session: Session, limit: int) -> Sequence[RunRow]:
-    """Queued runs by priority (high first), then FIFO. Locks them on Postgres (SKIP LOCKED)."""
-    query = (
-        select(RunRow)
-        .where(RunRow.status == RunStatus.QUEUED.value)
-        .order_by(RunRow.priority.desc(), RunRow.created_at, RunRow.id)
-        .limit(limit)
-    )
+def queued_rows(session: Session, limit: int, *, due_before: datetime | None = None) -> Sequence[RunRow]:
+    """Queued runs by priority (high first), then FIFO; with ``due_before``, only those whose
+    retry delay (after a refused dispatch) has passed."""
+    query = select(RunRow).where(RunRow.status == RunStatus.QUEUED.value)
+    if due_before is not None:
+        query = query.where(or_(RunRow.next_dispatch_at.is_(None), RunRow.next_dispatch_at <= due_before))
+    query = query.order_by(RunRow.priority.desc(), RunRow.created_at, RunRow.id).limit(limit)
+    return session.scalars(query).all()
+
+
+def lock_queued(session: Session, run_id: str) -> RunRow | None:
+    """The run if it is still queued and not being dispatched by another scheduler; locked for
+    this transaction on PostgreSQL (SKIP LOCKED: a row another process holds is skipped)."""
+    query = select(RunRow).where(RunRow.id == run_id, RunRow.status == RunStatus.QUEUED.value)
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
-    return session.scalars(query).all()
+    return session.scalars(query).first()
 
 
 def active_rows(session: Session) -> Sequence[RunRow]:

@@ -8,4 +8,8 @@ same model on the cluster.
 from service.spec.model import ExperimentSpec
 from service.spec.parse import SpecError, parse_spec, spec_errors
 
-__all__ = ["ExperimentSpec", "SpecError", "parse_spec", "spec_errors"]
+# Where the resolved spec of a run lives, as an artifact of the run's MLflow run: written by the
+# control plane before dispatch, read by the job's entrypoint (never passed in the environment).
+SPEC_ARTIFACT = "orchestra/resolved_spec.json"
+
+__all__ = ["SPEC_ARTIFACT", "ExperimentSpec", "SpecError", "parse_spec", "spec_errors"]

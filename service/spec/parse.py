@@ -5,42 +5,19 @@ internal location (which inserts the union tag: ``optimizer.adamw.lr``).
 """
 
 import copy
-import json
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
+from service.spec.document import load_document
+from service.spec.errors import SpecError
 from service.spec.model import ExperimentSpec
 
+__all__ = ["SpecError", "load_document", "parse_spec", "spec_errors", "validate_document"]
+
+MAX_ERRORS = 50  # an error body stays small whatever the spec
 _NAMED = re.compile(r"^([a-z_]+(?:\.[A-Za-z0-9_]+)+): (.+)$", re.S)
-
-
-@dataclass
-class SpecError(Exception):
-    """A spec that cannot be used; ``errors`` holds ``{"field": "a.b", "message": "..."}``."""
-
-    errors: list[dict[str, str]] = field(default_factory=list)
-    status_code: int = 422
-
-    def __str__(self) -> str:
-        return "; ".join(f"{e['field']}: {e['message']}" for e in self.errors)
-
-
-def load_document(body: bytes | str, content_type: str = "application/json") -> dict[str, Any]:
-    """Decode JSON or YAML; anything but a mapping at the top is a 400."""
-    text = body.decode("utf-8", errors="strict") if isinstance(body, bytes) else body
-    is_yaml = "yaml" in content_type.lower()
-    try:
-        data = yaml.safe_load(text) if is_yaml else json.loads(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        kind = "YAML" if is_yaml else "JSON"
-        raise SpecError([{"field": "body", "message": f"not valid {kind}: {exc}"}], 400) from None
-    if not isinstance(data, dict):
-        raise SpecError([{"field": "body", "message": "the spec must be a mapping at the top level"}], 400)
-    return data
 
 
 def _user_path(raw: Any, loc: tuple[Any, ...]) -> str:
@@ -61,7 +38,7 @@ def _user_path(raw: Any, loc: tuple[Any, ...]) -> str:
 
 def spec_errors(exc: ValidationError, raw: Any) -> list[dict[str, str]]:
     out = []
-    for err in exc.errors(include_url=False):
+    for err in exc.errors(include_url=False)[:MAX_ERRORS]:
         message = err["msg"].removeprefix("Value error, ")
         where = _user_path(raw, tuple(err["loc"]))
         # Cross-section rules raise "field.path: reason"; name that field rather than the section.
@@ -72,8 +49,8 @@ def spec_errors(exc: ValidationError, raw: Any) -> list[dict[str, str]]:
             message = named.group(2)
         given = err.get("input")
         if isinstance(given, str | int | float | bool) and err["type"] != "missing" and str(given) not in message:
-            message += f" (got {given!r})"
-        out.append({"field": where, "message": message})
+            message += f" (got {repr(given)[:200]})"
+        out.append({"field": where, "message": message[:2000]})
     return out
 
 

@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from service.launcher import RayJobLauncher, job_env, submission_id_for, worker_entrypoint
 from service.spec import ExperimentSpec
+from service.tracking import Tracker
 
 pytestmark = [pytest.mark.integration]
 
@@ -32,7 +33,8 @@ def test_coded_parameter_server_outwaits_a_straggler(stack, tmp_path) -> None:  
     run = mlflow.create_run(mlflow.create_experiment(f"it-ps-{uuid.uuid4().hex[:8]}"))
     run_id = f"ps{uuid.uuid4().hex[:8]}"
     launcher = RayJobLauncher(stack.ray_address)
-    env = job_env(run_id=run_id, experiment_id="it", resolved_spec=spec.resolved(), mlflow_uri=stack.mlflow_uri,
+    Tracker(stack.mlflow_uri).put_spec(run.info.run_id, spec.resolved())
+    env = job_env(run_id=run_id, experiment_id="it", mlflow_uri=stack.mlflow_uri,
                   mlflow_run_id=run.info.run_id, storage_path=str(tmp_path))
     sub = submission_id_for(run_id)
     launcher.submit(submission_id=sub, entrypoint=worker_entrypoint(run_id), env=env)

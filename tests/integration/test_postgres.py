@@ -10,6 +10,7 @@ from service.repo import experiments as exp_repo
 from service.spec import parse_spec
 from tests.api_harness import make_client
 from tests.unit.test_api import QUICKSTART, run_contract
+from tests.unit.test_hostile_input import check_hostile
 
 pytestmark = pytest.mark.integration
 
@@ -31,6 +32,10 @@ def test_migrations_reach_head_and_downgrade(postgres_url: str) -> None:
 
 def test_contract_on_postgres(postgres_url: str) -> None:
     run_contract(make_client(postgres_url))
+
+
+def test_hostile_bodies_on_postgres(postgres_url: str) -> None:
+    check_hostile(make_client(postgres_url))
 
 
 def test_concurrent_idempotent_submissions_make_one_experiment(postgres_url: str) -> None:

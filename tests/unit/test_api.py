@@ -2,6 +2,9 @@
 The same checks run against PostgreSQL in tests/integration/test_postgres.py."""
 
 import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,7 @@ import yaml
 from fastapi.testclient import TestClient
 
 from service.db import DatabaseNotMigrated, engine_for, require_migrated
+from service.tracking import Tracker
 from tests.api_harness import make_client
 from tests.fakes import MemoryLauncher
 from tests.unit.test_spec import BAD
@@ -67,12 +71,18 @@ def run_contract(client: TestClient) -> None:
     for i in range(3):
         client.post("/v1/experiments", content=json.dumps({**yaml.safe_load(QUICKSTART), "name": f"p{i}"}))
     page1 = client.get("/v1/experiments", params={"limit": 2}).json()
-    page2 = client.get("/v1/experiments", params={"limit": 2, "after": page1["next"]}).json()
+    page2 = client.get("/v1/experiments", params={"limit": 2, "cursor": page1["next"]}).json()
+    assert client.get("/v1/experiments", params={"limit": 2, "after": page1["next"]}).json() == page2
     names = [e["name"] for e in page1["items"] + page2["items"]]
     assert names[:3] == ["p2", "p1", "p0"] and len(set(e["id"] for e in page1["items"] + page2["items"])) == 4
     assert client.get("/v1/experiments", params={"limit": 0}).status_code == 422
     assert client.get("/v1/experiments/nope").status_code == 404
     assert client.get("/v1/runs/nope").status_code == 404
+    for bad in ("%00", "a%00b", "0" * 31 + "%00"):  # NUL never reaches the database
+        assert client.get(f"/v1/experiments/{bad}").status_code == 404
+        assert client.get(f"/v1/runs/{bad}/logs").status_code == 404
+        assert client.post(f"/v1/experiments/{bad}/cancel").status_code == 404
+        assert client.get(f"/v1/experiments?cursor={bad}").status_code == 400
 
 
 def test_contract_on_sqlite(client: TestClient) -> None:
@@ -110,6 +120,35 @@ def test_readyz_names_the_missing_dependency(tmp_path: Path) -> None:
     client = make_client(f"sqlite:///{tmp_path / 'a.db'}", launcher=MemoryLauncher(fail_submit=True))
     r = client.get("/readyz")
     assert r.status_code == 503 and r.json()["unavailable"] == ["ray"]
+
+
+def test_readyz_is_bounded_when_mlflow_hangs(tmp_path: Path) -> None:
+    """An MLflow that accepts connections and never answers: /readyz answers 503 within about a
+    second, says only which dependency is down, and 100 concurrent probes leave GET and POST
+    answering (the probes never take the request thread pool)."""
+    with socket.socket() as hole:  # a listening socket nobody reads: every request hangs
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(256)
+        tracker = Tracker(f"http://127.0.0.1:{hole.getsockname()[1]}")
+        client = make_client(f"sqlite:///{tmp_path / 'a.db'}", tracker=tracker)
+        t0 = time.monotonic()
+        r = client.get("/readyz")
+        assert time.monotonic() - t0 < 1.5
+        assert r.status_code == 503 and r.json()["unavailable"] == ["mlflow"]
+        assert "127.0.0.1" not in r.text and "Timeout" not in r.text  # nothing internal told
+
+        def probe(_: int) -> int:
+            return client.get("/readyz").status_code
+
+        with ThreadPoolExecutor(max_workers=100) as pool:
+            probes = [pool.submit(probe, i) for i in range(100)]
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            assert client.get("/v1/experiments").status_code == 200
+            assert client.post("/v1/experiments", content=QUICKSTART,
+                               headers={"Content-Type": "application/yaml"}).status_code == 201
+            assert time.monotonic() - t0 < 2.0
+            assert {p.result(timeout=30) for p in probes} == {503}
 
 
 def test_cancel_and_logs(tmp_path: Path) -> None:

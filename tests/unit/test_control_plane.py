@@ -165,3 +165,54 @@ def test_vanished_job_fails_the_run(sessions) -> None:  # type: ignore[no-untype
     launcher.jobs.clear()
     rec.tick()
     assert status_of(sessions, run_id) == "failed"
+
+
+def test_a_refused_dispatch_holds_back_no_other_run(sessions) -> None:  # type: ignore[no-untyped-def]
+    """Ray answers but refuses one run: that run is retried with a delay and a visible reason,
+    then fails with the reason; every run queued after it dispatches on the first tick."""
+    launcher = MemoryLauncher()
+    sched, _, _, tracker = parts(sessions, launcher)
+    sched.retry_delay_s = 0.0
+    bad = submit(sessions, priority=9)  # first in line
+    good = [submit(sessions) for _ in range(3)]
+    launcher.refuse.add(f"orchestra-{bad}")
+    assert sched.tick() == 3
+    assert [status_of(sessions, r) for r in good] == ["dispatched"] * 3
+    with sessions() as s:
+        row = runs_repo.get_run_row(s, bad)
+        assert row is not None and row.status == "queued" and row.dispatch_attempts == 1
+        assert "attempt 1 of 3" in (row.error or "") and "413" in (row.error or "")
+    sched.tick()
+    sched.tick()
+    with sessions() as s:
+        row = runs_repo.get_run_row(s, bad)
+        assert row is not None and row.status == "failed" and row.dispatch_attempts == 3
+        assert "dispatch failed 3 times" in (row.error or "") and "413" in (row.error or "")
+    assert f"orchestra-{bad}" not in launcher.jobs
+    assert all(tracker.specs[tracker.runs[r]]["name"] == "quickstart-digits" for r in good)
+
+
+def test_retry_waits_for_its_delay(sessions) -> None:  # type: ignore[no-untyped-def]
+    launcher = MemoryLauncher()
+    sched, _, _, _ = parts(sessions, launcher)
+    sched.retry_delay_s = 3600.0
+    run_id = submit(sessions)
+    launcher.refuse.add(f"orchestra-{run_id}")
+    submits = launcher.submits
+    sched.tick()
+    sched.tick()  # within the delay: not tried again
+    assert launcher.submits == submits + 1
+    with sessions() as s:
+        row = runs_repo.get_run_row(s, run_id)
+        assert row is not None and row.dispatch_attempts == 1 and row.status == "queued"
+
+
+def test_ray_down_charges_no_attempt(sessions) -> None:  # type: ignore[no-untyped-def]
+    launcher = MemoryLauncher(fail_submit=True)
+    sched, _, _, _ = parts(sessions, launcher)
+    run_id = submit(sessions)
+    for _ in range(5):
+        assert sched.tick() == 0
+    with sessions() as s:
+        row = runs_repo.get_run_row(s, run_id)
+        assert row is not None and row.dispatch_attempts == 0 and row.status == "queued"
