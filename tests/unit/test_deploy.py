@@ -1,5 +1,7 @@
-"""Deployment files: the compose file names its services; KubeRay objects match the v1.7 CRDs."""
+"""Deployment files: the compose file names its services; KubeRay objects match the v1.7.0 CRDs
+(their schemas are test data in tests/data/kuberay)."""
 
+import json
 from pathlib import Path
 
 import jsonschema
@@ -7,8 +9,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-CRDS = next((p for p in (ROOT.parent / "shared" / "kuberay-crds", Path("/work/shared/kuberay-crds"))
-             if p.exists()), ROOT.parent / "shared" / "kuberay-crds")  # beside the checkout, or the workplace's
+CRDS = ROOT / "tests" / "data" / "kuberay"
 
 
 def test_compose_names_the_services() -> None:
@@ -16,16 +17,15 @@ def test_compose_names_the_services() -> None:
     assert {"postgres", "mlflow", "ray-head", "ray-worker", "api"} <= set(compose["services"])
     assert "postgresql" in compose["services"]["mlflow"]["command"]  # MLflow on Postgres
     assert compose["services"]["api"]["environment"]["ORCHESTRA_DATABASE_URL"].startswith("postgresql+psycopg://")
-    assert (ROOT / "Dockerfile").read_text().startswith("#")
+    dockerfile = (ROOT / "Dockerfile").read_text().splitlines()
+    assert any(line.startswith("FROM python:3.11") for line in dockerfile)
+    assert dockerfile[-1].startswith("CMD") and '"orchestra"' in dockerfile[-1]
 
 
 def crd_schema(kind: str) -> dict:  # type: ignore[type-arg]
-    crd = yaml.load((CRDS / f"ray.io_{kind}.yaml").read_text(), Loader=yaml.CSafeLoader)
-    v1 = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    return v1["schema"]["openAPIV3Schema"]  # type: ignore[no-any-return]
+    return json.loads((CRDS / f"{kind}.v1.schema.json").read_text())  # type: ignore[no-any-return]
 
 
-@pytest.mark.skipif(not CRDS.exists(), reason="../shared/kuberay-crds not beside the checkout")
 @pytest.mark.parametrize(("path", "kind"), [("deploy/kuberay/raycluster.yaml", "rayclusters"),
                                             ("deploy/kuberay/rayjob-example.yaml", "rayjobs")])
 def test_kuberay_manifests_validate(path: str, kind: str) -> None:
