@@ -7,6 +7,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.launcher import JobState, Launcher
 from service.models import RunRow
+from service.repo import leader
 from service.repo import runs as runs_repo
 from service.state import RunStatus, transition
 from service.tracking import Tracker
@@ -36,7 +37,12 @@ class Reconciler:
         self.tracker = tracker
 
     def tick(self) -> int:
-        """One pass over every dispatched or running run; returns how many changed status."""
+        """One pass over every dispatched or running run; returns how many changed status (0
+        while another replica reconciles: each transition is written by one process)."""
+        with leader.leading(self.sessions, leader.RECONCILER) as held:
+            return self._pass() if held else 0
+
+    def _pass(self) -> int:
         changed = 0
         with self.sessions() as session:
             for row in runs_repo.active_rows(session):

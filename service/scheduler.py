@@ -9,7 +9,8 @@ A dispatch that fails is charged to its run only when Ray and MLflow both answer
 this run, such as a runtime environment Ray will not take): the run is retried with a growing
 delay and the reason stays visible on it, and after ``max_attempts`` it fails with that reason.
 The scheduler goes on to the next queued run either way, so one run never holds back the others.
-When Ray or MLflow does not answer, nothing is dispatched and no run is charged.
+When Ray or MLflow does not answer, nothing is dispatched and no run is charged. Across replicas
+one scheduler passes at a time (``service.repo.leader``), so the concurrency limit is global.
 """
 
 import logging
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.launcher import Launcher, job_env, submission_id_for, worker_entrypoint
 from service.models import RunRow
+from service.repo import leader
 from service.repo import runs as runs_repo
 from service.state import RunStatus, transition
 from service.tracking import Tracker
@@ -42,7 +44,11 @@ class Scheduler:
         self.retry_delay_s = retry_delay_s
 
     def tick(self) -> int:
-        """One pass; returns how many runs were dispatched."""
+        """One pass; returns how many runs were dispatched (0 while another replica schedules)."""
+        with leader.leading(self.sessions, leader.SCHEDULER) as held:
+            return self._pass() if held else 0
+
+    def _pass(self) -> int:
         with self.sessions() as session:
             for row in runs_repo.cancel_requested_queued(session):
                 transition(row, RunStatus.CANCELLED, error="cancelled before dispatch")

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import httpx
 
-
 API_SECRETS = frozenset({"ORCHESTRA_API_TOKENS", "ORCHESTRA_API_TOKEN"})
 
 

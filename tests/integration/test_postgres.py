@@ -1,6 +1,7 @@
 """The API contract and the migrations against the real PostgreSQL server."""
 
 import threading
+import time
 
 import pytest
 import yaml
@@ -61,3 +62,74 @@ def test_concurrent_idempotent_submissions_make_one_experiment(postgres_url: str
     assert len(set(ids)) == 1 and len(ids) == 8
     with sessions() as s:
         assert exp_repo.count_experiments(s) == 1
+
+
+def test_two_schedulers_keep_one_limit_and_dispatch_each_run_once(postgres_url: str) -> None:
+    """Two control-plane replicas on one database: the concurrency limit holds for both together
+    and every run becomes one Ray job (the schedulers take turns under an advisory lock)."""
+    from service.reconciler import Reconciler
+    from service.repo import runs as runs_repo
+    from service.scheduler import Scheduler
+    from service.state import ACTIVE
+    from tests.fakes import MemoryLauncher, MemoryTracker
+
+    upgrade(postgres_url)
+    sessions = session_factory(engine_for(postgres_url))
+    spec = parse_spec(QUICKSTART, "application/yaml")
+    with sessions() as s:
+        for i in range(8):
+            exp_repo.create_experiment(s, spec={"name": f"r{i}"}, resolved=spec.resolved())
+        s.commit()
+    launcher, tracker = MemoryLauncher(), MemoryTracker()
+    lock = threading.Lock()
+    submitted: list[str] = []
+    plain_submit = launcher.submit
+
+    def submit(**kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(0.05)  # a real submit takes this long: both replicas would count before either commits
+        with lock:
+            submitted.append(kwargs["submission_id"])
+            return plain_submit(**kwargs)
+
+    launcher.submit = submit  # type: ignore[method-assign]
+    replicas = [(Scheduler(sessions, launcher, tracker, max_concurrent=2, storage_path="/s"),
+                 Reconciler(sessions, launcher, tracker)) for _ in range(2)]
+    peak = 0
+    stop = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            with sessions() as s:
+                peak = max(peak, len([r for r in runs_repo.active_rows(s) if r.status in {a.value for a in ACTIVE}]))
+
+    def finish_jobs() -> None:  # Ray finishing whatever runs, as the replicas go on
+        with lock:
+            for sid, state in list(launcher.jobs.items()):
+                if state.status == "PENDING":
+                    launcher.jobs[sid] = type(state)("SUCCEEDED")
+
+    def replica(i: int) -> None:
+        sched, rec = replicas[i]
+        for _ in range(40):
+            sched.tick()
+            finish_jobs()
+            rec.tick()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=replica, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    stop.set()
+    watcher.join(timeout=10)
+    assert len(submitted) == len(set(submitted)) == 8, submitted
+    assert peak <= 2, peak
+    with sessions() as s:
+        from sqlalchemy import select
+
+        from service.models import RunRow
+
+        assert {r.status for r in s.scalars(select(RunRow))} == {"succeeded"}
