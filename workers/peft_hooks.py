@@ -27,6 +27,9 @@ def check_strategy(spec: ExperimentSpec) -> None:
         spec.peft.check_distributed(dist.strategy, zero, dist.num_workers)
     except ValueError as exc:
         raise ValueError(f"peft.name: {exc}") from None
+    if spec.peft.name == "lora_ggpo" and spec.train is not None and spec.train.precision == "fp16":
+        # its gradient-norm EMA would read the loss-scaled gradients (after_backward runs before unscale)
+        raise ValueError("peft.name: 'lora_ggpo' does not support precision fp16 (loss scaling): use bf16 or fp32")
 
 
 def model_inputs(task: Any, batch: Any) -> dict[str, Any]:
@@ -43,9 +46,14 @@ def init_batches(spec: ExperimentSpec, task: Any, n: int) -> list[dict[str, Any]
     """``n`` training batches for a data-driven init: the same on every rank (rank 0's shard of a
     one-worker split, fixed seed), so that every worker starts from the same adapter."""
     assert spec.train is not None
-    per = max(1, spec.train.batch_size // (spec.distributed.num_workers * spec.train.grad_accum))
-    stream = task.batches(rank=0, world=1, batch_size=per, seed=spec.train.seed + 7919)
+    stream = task.batches(rank=0, world=1, batch_size=init_batch_size(spec), seed=spec.train.seed + 7919)
     return [model_inputs(task, b) for b in itertools.islice(stream, n)]
+
+
+def init_batch_size(spec: ExperimentSpec) -> int:
+    """Samples per init batch: one worker's micro-batch."""
+    assert spec.train is not None
+    return max(1, spec.train.batch_size // (spec.distributed.num_workers * spec.train.grad_accum))
 
 
 def init_device(spec: ExperimentSpec) -> torch.device:
@@ -68,6 +76,9 @@ def apply_peft(spec: ExperimentSpec, model: nn.Module, task: Any) -> tuple[nn.Mo
     assert cfg is not None
     check_strategy(spec)
     n_init = int(getattr(cfg, "init_batches", 0) or 0)
+    n_samples = int(getattr(cfg, "init_samples", 0) or 0)
+    if n_samples and not n_init:  # LoRA-SB counts samples: enough batches to hold them
+        n_init = -(-n_samples // init_batch_size(spec))
     batches = None
     if n_init:
         device = init_device(spec)

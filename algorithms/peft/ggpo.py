@@ -1,141 +1,234 @@
-"""LoRA-GGPO (Chang et al., 2025, "LoRA-GGPO: Mitigating Double Descent in LoRA Fine-Tuning via
-Gradient-Guided Perturbation Optimization", arXiv 2502.14538).
+"""LoRA-GGPO (Chang et al., 2025, arXiv 2502.14538), as its authors released it: LoRA-MGPO
+(code: llm172/LoRA-MGPO; the paper's v2), a momentum-guided perturbation of the base weights.
 
-GGPO smooths the loss over random weight perturbations, min_{A,B} E_eps L(W0 + sBA + eps), with
-a Gaussian eps whose per-row variance is guided by both the weight norm and the gradient norm
-of the merged weight W' = W0 + sBA (Flat-LoRA's filter-wise random perturbation, extended with
-gradient information), so that one forward/backward per step suffices (no SAM double pass).
+Per adapted layer (W' = W0 + s B A, B: m x r, A: r x n, s the LoRA scaling), before the forward
+pass the frozen base weight is moved to W0 + eps with
 
-Per adapted layer (W' is m x n) and output row i we draw eps_ij ~ N(0, sigma_i^2) with
+    v    = s (m_B A + B m_A)
+    eps  = -rho * v / (||v||_F + 1e-12) * min(10, 1 / (gbar + 1e-12))
 
-    sigma_i^2 = rho^2 / n * [ (1 - beta) ||W'_i||^2 + beta * ||G_i||^2 * ||W'||_F^2 / ||G||_F^2 ]
+where m_A, m_B are the optimizer's first moments of A and B (AdamW's ``exp_avg``, SGD's
+``momentum_buffer``): v is the momentum seen in the weight space of W', and the perturbation points
+*against* it. gbar is an exponential moving average (factor ``beta``) of the layer's gradient norm
+in the same space, ||s (g_B A + B g_A)||_F, updated after every backward from the gradient taken
+at the perturbed point; its first value is the first norm itself, and while it does not exist the
+factor is 1. A layer whose moments do not exist yet (the first step: the optimizer has no state
+before its first update) is not perturbed. After backward the base weight is put back, then the
+optimizer steps: one forward/backward per step, no SAM-style second pass.
 
-where G is the previous step's low-rank view of the full gradient of W', G = g^B_lora / s
-(= dL/dW' A^T: the part of the full gradient that the adapter sees; it is free, the full m x n
-gradient never exists in LoRA). The gradient term is rescaled to the weight's Frobenius norm so
-that ``beta`` mixes two quantities of the same size; ``rho`` is the relative radius. On the first
-step there is no gradient yet and beta is treated as 0.
+This replaces an earlier reading of the paper's v1 (random Gaussian perturbations scaled by
+weight and gradient row norms, with a ``seed``), which was not the authors' released rule.
 
-The perturbation goes on the frozen base weight before the forward pass (``on_step_start``:
-autograd saves the weight it read) and is removed after backward (``after_backward``) by
-restoring a saved copy, which is exact in any dtype (W + eps - eps is not, in bf16). The noise
-comes from the handle's own seeded generator, so every data-parallel rank draws the same eps.
-The row norms of W' are computed without forming W':
-||W'_i||^2 = ||W0_i||^2 + 2 s B_i . (W0 A^T)_i + s^2 B_i (A A^T) B_i^T, with those of the frozen W0
-cached: per step the cost is one matmul W0 A^T per layer, the noise, and the copies.
-Layers of equal shape are handled together (the GPU cost of many small kernels is their launch):
-their statistics are computed batched, their noise is drawn in one call (layers in module
-order), and the copies and the addition are multi-tensor (``torch._foreach_*``) kernels.
+The authors' profiles: NLU rho 0.05, beta 0.9 (with AdamW beta1 0.9); NLG rho 0.01, beta 0.8
+(with AdamW beta1 0.8). The defaults are the NLU profile (``config.LoRAGGPOConfig``).
+
+Mechanics:
+
+- The handle finds the optimizer through torch's optimizer step hooks (``optim_hooks.py``): after
+  each step of an optimizer that holds the LoRA tensors it keeps a weak reference to it, and reads
+  its live ``state`` at the next ``on_step_start``. ``use_optimizer`` names it directly (after a
+  checkpoint restore the first step is otherwise not perturbed; gbar is not checkpointed and starts
+  afresh: the authors' trainer does not save it either).
+- The perturbation is removed by restoring a saved copy, which is exact in any dtype (W + eps - eps
+  is not, in bf16); it is added with two ``addmm_`` per layer, so no m x n temporary is formed.
+- The norms of v and of the gradient come from r x r products only:
+  ||P A + B Q||^2 = <P^T P, A A^T> + 2 <B^T P, Q A^T> + <B^T B, Q Q^T> (Frobenius products), batched
+  over the layers of one shape; nothing waits on the host.
+- The gradient norm is the one ``after_backward`` sees: before clipping (as the authors' trainer),
+  and with fp16 loss scaling it would be scaled by the loss scale, so the worker refuses lora_ggpo
+  with fp16 (``workers/peft_hooks.py``).
+
+Data-parallel ranks see the same all-reduced gradients and hold the same optimizer state, so they
+apply the same perturbation (no randomness is involved).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from algorithms.peft import optim_hooks
 from algorithms.peft.base import PeftHandle
 from algorithms.peft.lora import LoraPair, apply_lora, lora_pairs
+
+CLAMP = 10.0  # the authors' cap on the factor 1 / gbar
+EPS = 1e-12
+
+
+def lowrank_sum_norm(P: torch.Tensor, A: torch.Tensor, B: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """||P A + B Q||_F over the leading (layer) dim, from r x r products (module docstring)."""
+    sq = ((P.mT @ P) * (A @ A.mT)).sum((-2, -1))
+    sq = sq + 2.0 * ((B.mT @ P) * (Q @ A.mT)).sum((-2, -1))
+    sq = sq + ((B.mT @ B) * (Q @ Q.mT)).sum((-2, -1))
+    return sq.clamp_min(0.0).sqrt()
+
+
+def first_moment(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor | None:
+    """The optimizer's first moment of ``param`` (AdamW ``exp_avg``, SGD ``momentum_buffer``)."""
+    state = optimizer.state.get(param)
+    if not state:
+        return None
+    moment = state.get("exp_avg")
+    if moment is None:
+        moment = state.get("momentum_buffer")
+    return moment if isinstance(moment, torch.Tensor) else None
 
 
 @dataclass
 class _ShapeGroup:
-    """Adapted layers of one shape, scaling, dtype and device (indices into the handle's pairs)."""
+    """Adapted layers of one shape, scaling and device (indices into the handle's pairs)."""
 
     idx: list[int]
     scaling: float
-    w0_rows: torch.Tensor  # (L, m) squared row norms of the frozen base weights
-    backup: list[torch.Tensor]  # one (m, n) buffer per layer, reused every step
-    grad_rows: torch.Tensor | None = None  # (L, m) squared row norms of the last G
+    gbar: torch.Tensor  # (L,) EMA of the gradient norm
+    seen: torch.Tensor  # (L,) bool: gbar exists
+    backup: list[torch.Tensor] = field(default_factory=list)  # base weights saved while perturbed
+    perturbed: bool = False
+
+
+def _stack_or_zeros(tensors: list[torch.Tensor | None], like: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([(t if t is not None else torch.zeros_like(x)).float()
+                        for t, x in zip(tensors, like, strict=True)])
 
 
 class GGPOHandle(PeftHandle):
     pairs: list[LoraPair]
     rho: float = 0.05
-    beta: float = 0.5
-    seed: int = 0
-    generator: torch.Generator | None = None
+    beta: float = 0.9
     _shapes: list[_ShapeGroup] | None = None
-    _perturbed: bool = False
+    _optimizer: weakref.ref[torch.optim.Optimizer] | None = None
+    _holds: weakref.WeakKeyDictionary[torch.optim.Optimizer, bool]
+    _pending: bool = False  # on_step_start ran and its after_backward has not yet
+    _warned: bool = False
 
-    def _shape_groups(self, weights: list[torch.Tensor]) -> list[_ShapeGroup]:
-        if self._shapes is not None and self._shapes[0].w0_rows.device == weights[0].device:
+    def use_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Read the moments from ``optimizer`` from now on (the step hook does it by itself after
+        the optimizer's first step)."""
+        self._optimizer = weakref.ref(optimizer)
+
+    def pre_step(self, optimizer: torch.optim.Optimizer) -> None:
+        return None
+
+    def post_step(self, optimizer: torch.optim.Optimizer) -> None:
+        held = self._holds.get(optimizer)
+        if held is None:
+            first = self.pairs[0].A
+            held = any(p is first for g in optimizer.param_groups for p in g["params"])
+            self._holds[optimizer] = held
+        if held:
+            self._optimizer = weakref.ref(optimizer)
+
+    def _shape_groups(self) -> list[_ShapeGroup]:
+        device = self.pairs[0].A.device
+        if self._shapes is not None and self._shapes[0].gbar.device == device:
             return self._shapes
+        # made here, not at apply: the loop moves the model to its device after apply
         keyed: dict[tuple[Any, ...], list[int]] = {}
-        for i, (p, w) in enumerate(zip(self.pairs, weights, strict=True)):
-            keyed.setdefault((tuple(w.shape), p.scaling, w.dtype, w.device), []).append(i)
+        for i, p in enumerate(self.pairs):
+            keyed.setdefault((tuple(p.A.shape), tuple(p.B.shape), p.scaling, p.A.device), []).append(i)
         self._shapes = [
-            _ShapeGroup(
-                idx=idx,
-                scaling=key[1],
-                w0_rows=torch.stack([weights[i].float().pow(2).sum(1) for i in idx]),
-                backup=[torch.empty_like(weights[i]) for i in idx],
-            )
+            _ShapeGroup(idx=idx, scaling=key[2], gbar=torch.zeros(len(idx), device=key[3]),
+                        seen=torch.zeros(len(idx), dtype=torch.bool, device=key[3]))
             for key, idx in keyed.items()
         ]
         return self._shapes
 
     @torch.no_grad()
     def on_step_start(self, step: int, model: nn.Module) -> None:
-        if self._perturbed:  # a step that never reached after_backward: put the weights back first
+        if any(g.perturbed for g in self._shapes or []):  # a step that never reached after_backward
             self._restore()
-        weights = [p.base_weight for p in self.pairs]
-        device = weights[0].device
-        if self.generator is None or self.generator.device != device:
-            # made here, not at apply: the loop moves the model to its device after apply
-            self.generator = torch.Generator(device=device).manual_seed(self.seed)
-        # the base weights are frozen and restored exactly after every step: W0 stats are cached
-        groups = self._shape_groups(weights)
-        for grp in groups:
-            ws = [weights[i] for i in grp.idx]
-            A = torch.stack([self.pairs[i].A.detach() for i in grp.idx]).float()  # (L, r, n)
-            B = torch.stack([self.pairs[i].B.detach() for i in grp.idx]).float()  # (L, m, r)
-            wa = torch.stack([w @ self.pairs[i].A.detach().mT.to(w.dtype)
-                              for i, w in zip(grp.idx, ws, strict=True)]).float()  # (L, m, r)
+        self._pending = True
+        optimizer = self._optimizer() if self._optimizer is not None else None
+        if optimizer is None:
+            return
+        found = False
+        for grp in self._shape_groups():
+            pairs = [self.pairs[i] for i in grp.idx]
+            m_A = [first_moment(optimizer, p.A) for p in pairs]
+            m_B = [first_moment(optimizer, p.B) for p in pairs]
+            # a layer missing either moment gets v = 0, hence eps = 0: it is not perturbed
+            present = [a is not None and b is not None for a, b in zip(m_A, m_B, strict=True)]
+            if not any(present):
+                continue
+            found = True
+            m_A = [a if ok else None for a, ok in zip(m_A, present, strict=True)]
+            m_B = [b if ok else None for b, ok in zip(m_B, present, strict=True)]
+            A = torch.stack([p.A.detach().float() for p in pairs])  # (L, r, n)
+            B = torch.stack([p.B.detach().float() for p in pairs])  # (L, m, r)
+            MA = _stack_or_zeros(m_A, [p.A for p in pairs])
+            MB = _stack_or_zeros(m_B, [p.B for p in pairs])
             s = grp.scaling
-            rows = grp.w0_rows + 2.0 * s * (wa * B).sum(-1) + s * s * ((B @ (A @ A.mT)) * B).sum(-1)
-            var = rows
-            if grp.grad_rows is not None and self.beta > 0.0:
-                ratio = rows.sum(-1, keepdim=True) / grp.grad_rows.sum(-1, keepdim=True).clamp_min(1e-30)
-                var = (1.0 - self.beta) * rows + self.beta * grp.grad_rows * ratio
-            m, n = ws[0].shape
-            std = (var.clamp_min(0.0) * (self.rho * self.rho / n)).sqrt()  # (L, m)
-            torch._foreach_copy_(grp.backup, ws)
-            noise = torch.randn((len(ws), m, n), generator=self.generator, device=device, dtype=ws[0].dtype)
-            noise.mul_(std[..., None].to(noise.dtype))
-            torch._foreach_add_(ws, list(noise.unbind(0)))
-        self._perturbed = True
+            v_norm = s * lowrank_sum_norm(MB, A, B, MA)
+            factor = torch.where(grp.seen, (1.0 / (grp.gbar + EPS)).clamp(max=CLAMP), 1.0)
+            coef = -self.rho * s * factor / (v_norm + EPS)  # eps = coef * (m_B A + B m_A)
+            weights = [p.base_weight for p in pairs]
+            if not grp.backup:
+                grp.backup = [torch.empty_like(w) for w in weights]
+            torch._foreach_copy_(grp.backup, weights)
+            dt = weights[0].dtype
+            cMB, cMA = (coef[:, None, None] * MB).to(dt), (coef[:, None, None] * MA).to(dt)
+            A, B = A.to(dt), B.to(dt)
+            for k, w in enumerate(weights):
+                w.addmm_(cMB[k], A[k]).addmm_(B[k], cMA[k])
+            grp.perturbed = True
+        if not found and not self._warned and optimizer.state:
+            self._warned = True
+            warnings.warn("lora_ggpo: the optimizer keeps no first moment (exp_avg or momentum_buffer) "
+                          "of the LoRA tensors, so nothing is perturbed (plain LoRA)", stacklevel=2)
 
     @torch.no_grad()
     def _restore(self) -> None:
-        assert self._shapes is not None
-        for grp in self._shapes:
-            torch._foreach_copy_([self.pairs[i].base_weight for i in grp.idx], grp.backup)
-        self._perturbed = False
+        for grp in self._shapes or []:
+            if grp.perturbed:
+                torch._foreach_copy_([self.pairs[i].base_weight for i in grp.idx], grp.backup)
+                grp.perturbed = False
 
     @torch.no_grad()
     def after_backward(self, step: int, model: nn.Module) -> None:
-        if not self._perturbed:  # a second backward in the same step (closure optimizers)
+        if not self._pending:  # a second backward in the same step (closure optimizers)
             return
+        self._pending = False
         self._restore()
-        assert self._shapes is not None
-        for grp in self._shapes:
-            grads = [self.pairs[i].B.grad for i in grp.idx]
-            if any(g is None for g in grads):
-                grp.grad_rows = None
+        for grp in self._shape_groups():
+            pairs = [self.pairs[i] for i in grp.idx]
+            has = [p.A.grad is not None and p.B.grad is not None for p in pairs]
+            if not any(has):
                 continue
-            # G = g^B_lora / s (m x r): its squared row norms
-            g = torch.stack(grads).float() / grp.scaling  # type: ignore[arg-type]
-            grp.grad_rows = g.pow(2).sum(-1)
+            A = torch.stack([p.A.detach().float() for p in pairs])
+            B = torch.stack([p.B.detach().float() for p in pairs])
+            GA = _stack_or_zeros([p.A.grad if ok else None for p, ok in zip(pairs, has, strict=True)],
+                                 [p.A for p in pairs])
+            GB = _stack_or_zeros([p.B.grad if ok else None for p, ok in zip(pairs, has, strict=True)],
+                                 [p.B for p in pairs])
+            norm = grp.scaling * lowrank_sum_norm(GB, A, B, GA)
+            mask = torch.tensor(has, device=grp.gbar.device)
+            ema = torch.where(grp.seen, self.beta * grp.gbar + (1.0 - self.beta) * norm, norm)
+            grp.gbar = torch.where(mask, ema, grp.gbar)
+            grp.seen = grp.seen | mask
+
+    def gbar(self) -> list[float | None]:
+        """Each layer's gradient-norm EMA (None before its first backward), in module order; for
+        logs and tests (one host sync)."""
+        out: list[float | None] = [None] * len(self.pairs)
+        for grp in self._shapes or []:
+            for k, i in enumerate(grp.idx):
+                if bool(grp.seen[k]):
+                    out[i] = float(grp.gbar[k])
+        return out
 
 
 def apply_lora_ggpo(
-    model: nn.Module, *, rho: float = 0.05, beta: float = 0.5, seed: int = 0, **lora_kwargs: Any
+    model: nn.Module, *, rho: float = 0.05, beta: float = 0.9, **lora_kwargs: Any
 ) -> GGPOHandle:
     base = apply_lora(model, name="lora_ggpo", **lora_kwargs)
     handle = GGPOHandle(name="lora_ggpo", model=base.model, merge_adapter=base.merge_adapter)
     handle.pairs = lora_pairs(handle.model)
-    handle.rho, handle.beta, handle.seed = rho, beta, seed
+    handle.rho, handle.beta = rho, beta
+    handle._holds = weakref.WeakKeyDictionary()
+    optim_hooks.attach(handle)
     return handle

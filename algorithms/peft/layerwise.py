@@ -15,6 +15,9 @@ score; ||X_j|| is the input feature norm over ``init_batches`` batches when give
 the sampled blocks' matrices are updated with GaLore's low-rank projected Adam (rank,
 update_proj_gap, scale) instead of full Adam, which is what bounds the optimizer memory.
 
+Defaults are the authors': LISA 2 blocks every 20 steps; OwLore 5 blocks every 50 steps, GaLore
+rank 256, projector refreshed every 100 steps, scale 1.0 (their scripts and finetuner).
+
 Sampling: the blocks of period k = step // interval are drawn from a generator seeded with
 (seed, k), so a run restored from a checkpoint mid-period trains the same blocks as the run it
 continues. The first period is drawn at ``apply`` (the trainable-parameter count logged before
@@ -109,9 +112,9 @@ class LISAHandle(PeftHandle):
 
 
 class OwLoreHandle(LISAHandle):
-    rank: int = 8
-    update_proj_gap: int = 200
-    scale: float = 0.25
+    rank: int = 256
+    update_proj_gap: int = 100
+    scale: float = 1.0
 
     def _matrices(self, blocks: list[int] | None = None) -> list[nn.Parameter]:
         idx = range(len(self.blocks)) if blocks is None else blocks
@@ -211,12 +214,12 @@ def apply_lisa(
 def apply_owlore(
     model: nn.Module,
     *,
-    n_layers: int = 2,
-    interval: int = 20,
+    n_layers: int = 5,
+    interval: int = 50,
     outlier_threshold: float = 7.0,
-    rank: int = 8,
-    update_proj_gap: int = 200,
-    scale: float = 0.25,
+    rank: int = 256,
+    update_proj_gap: int = 100,
+    scale: float = 1.0,
     init_batches: int = 0,
     batches: InitBatches = None,
     seed: int = 0,

@@ -26,8 +26,12 @@ optimizer the run configured, with no m x n Adam moments (the paper's Adam varia
 full-size moments of g~, which costs full fine-tuning's optimizer memory). For SGD the step is
 exactly the paper's; for Adam it is Adam on the adjusted low-rank gradients.
 
-Gram matrices get a small ridge (``damping`` times their mean diagonal, at least 1e-8) so
-that B = 0 at initialisation is handled: then g^A_lora = 0, X = 0 and g^B = g^B_lora (AA^T)^-1/s^2.
+Both Gram matrices get a ridge relative to their size, ``damping`` times their mean diagonal
+(the authors' 1e-8 by default), so that it changes nothing at any scale of A and B: at LoRA's own
+scales the diagonal of B^T B is m |b|^2, far below 1 for entries b of B of 1e-2..1e-3, where an
+absolute ridge would dominate the matrix and bend the projection. The only absolute term is a
+guard of 1e-30 for an all-zero Gram matrix, i.e. B = 0 at initialisation: then g^A_lora = 0
+exactly, X = 0 and g^B = g^B_lora (AA^T)^-1 / s^2, and the guard only keeps the inverse finite.
 """
 
 from __future__ import annotations
@@ -40,12 +44,16 @@ from torch import nn
 from algorithms.peft.base import PeftHandle
 from algorithms.peft.lora import LoraPair, apply_lora, lora_pairs
 
+DAMPING = 1e-8  # the authors' ridge, relative to the Gram matrix's mean diagonal
+_ZERO_GUARD = 1e-30  # absolute floor of the ridge: only an all-zero Gram matrix (B = 0) reaches it
+
 
 def _ridge(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """gram + damping * mean(diag(gram)) * I (see the module docstring)."""
     r = gram.shape[-1]
     eye = torch.eye(r, dtype=gram.dtype, device=gram.device)
-    scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1.0) * damping
-    return gram + scale.clamp_min(1e-8)[..., None, None] * eye
+    scale = (gram.diagonal(dim1=-2, dim2=-1).mean(-1) * damping).clamp_min(_ZERO_GUARD)
+    return gram + scale[..., None, None] * eye
 
 
 def solve_sylvester_spd(P: torch.Tensor, Q: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
@@ -75,7 +83,7 @@ def lora_pro_gradients(
     grad_A: torch.Tensor,
     grad_B: torch.Tensor,
     scaling: float,
-    damping: float = 1e-6,
+    damping: float = DAMPING,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Theorems 2.2 + 2.3 for one layer (or a batch of layers with leading dims); float32 inside."""
     dt = grad_A.dtype
@@ -97,7 +105,7 @@ class LoRAProHandle(PeftHandle):
     """Replaces the A/B gradients of every LoRA layer in ``after_backward``."""
 
     pairs: list[LoraPair]
-    damping: float = 1e-6
+    damping: float = DAMPING
 
     def after_backward(self, step: int, model: nn.Module) -> None:
         # Group layers of equal shapes so that each group is one batched solve.
@@ -120,7 +128,7 @@ class LoRAProHandle(PeftHandle):
             torch._foreach_copy_(grads, [t for i in range(len(ps)) for t in (new_A[i], new_B[i])])
 
 
-def apply_lora_pro(model: nn.Module, *, damping: float = 1e-6, **lora_kwargs: Any) -> LoRAProHandle:
+def apply_lora_pro(model: nn.Module, *, damping: float = DAMPING, **lora_kwargs: Any) -> LoRAProHandle:
     base = apply_lora(model, name="lora_pro", **lora_kwargs)
     handle = LoRAProHandle(name="lora_pro", model=base.model, merge_adapter=base.merge_adapter)
     handle.pairs = lora_pairs(handle.model)

@@ -2,15 +2,22 @@
 Bullet for Extremely Efficient Low-Rank Fine-Tuning", arXiv 2411.19557).
 
 Architecture (LoRA-XS): W = W0 + s B R A with B (m x r) and A (r x n) fixed and only the r x r
-core R trained. Initialisation: approximate the first full fine-tuning update,
-dW = -init_lr * G with G the full gradient of W averaged over ``init_batches`` batches, take its
-truncated SVD U S V^T and set B = U_r, A = V_r^T, R = S_r / s, so that the initial adapter
-s B R A is the best rank-r approximation of dW (Eckart-Young). With B and A orthonormal, every
-later update of R stays the optimal low-rank projection of the full update (their Theorem),
-which is why no scaling factor needs tuning.
+core R trained. Initialisation, as the authors': approximate the first full fine-tuning update by
+dW = -init_lr * sign(G), G the sum of the full gradients of W over ``init_samples`` training samples
+(the authors use 50 to 170; 170 is their code's default), take its truncated SVD U S V^T and set
+B = U_r, A = V_r^T and R = S_r / s, so that the initial adapter s B R A is the best rank-r
+approximation of dW (Eckart-Young; the authors' R = S_r, with their s = 1). Adam's first update
+is lr * sign(g), which the sign matches; ``init_update="gradient"`` uses the plain SGD step
+dW = -init_lr * mean gradient instead. With B and A orthonormal, every later update of R stays
+the optimal low-rank projection of the full update (their Theorem), which is why no scaling
+factor needs tuning.
 
-The paper derives the first step from the optimizer's first update; we use the plain gradient
-step (their "update approximation" with SGD), which is what the init hyperparameter sets.
+The samples are the first ``init_samples`` of the batches handed over (the last batch is cut);
+the worker fetches enough batches for them (``init_batches`` caps that number). Each batch's loss
+is weighted by its share of the samples, so that for a loss that is a mean over samples G is
+the per-sample sum up to a positive factor (which the sign ignores) and the mean for "gradient"
+(with a token-averaged LM loss, samples weigh by their token count, where the authors' per-sample
+backward weighs them equally).
 
 peft has no LoRA-XS layer, so the adapted layers are peft LoRA layers whose ``lora_A`` is a
 :class:`CoreA` module (x -> R A x, its ``weight`` property is R @ A) and whose ``lora_B`` weight
@@ -23,16 +30,18 @@ the saved adapter is an ordinary peft LoRA adapter (lora_A = R A, lora_B = B), l
 from __future__ import annotations
 
 import contextlib
+import itertools
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from algorithms.peft.base import LossFn, PeftHandle, default_loss_fn
-from algorithms.peft.lora import InitBatches, LoraPair, _take, apply_lora, lora_pairs
+from algorithms.peft.lora import InitBatches, LoraPair, apply_lora, lora_pairs
 
 
 class CoreA(nn.Module):
@@ -51,17 +60,56 @@ class CoreA(nn.Module):
         return F.linear(F.linear(x, self.A), self.R)  # type: ignore[arg-type]
 
 
+def batch_size(batch: Any) -> int:
+    """Samples in a batch: the leading size of its first tensor (dict, tuple or tensor batches)."""
+    if isinstance(batch, dict):
+        batch = next(iter(batch.values()))
+    elif isinstance(batch, (tuple, list)):
+        batch = batch[0]
+    return int(batch.shape[0])
+
+
+def _head(batch: Any, n: int) -> Any:
+    if isinstance(batch, dict):
+        return {k: v[:n] for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(v[:n] for v in batch)
+    return batch[:n]
+
+
+def take_samples(batches: InitBatches, n: int, max_batches: int | None = None) -> list[Any]:
+    """The first ``n`` samples of ``batches`` (at most ``max_batches`` of them), the last batch cut;
+    fewer (with a warning) when the batches hold fewer."""
+    if batches is None:
+        raise ValueError("this method needs init_batches (a few training batches) to initialise")
+    taken, count = [], 0
+    for batch in itertools.islice(iter(batches), max_batches):
+        size = batch_size(batch)
+        taken.append(batch if count + size <= n else _head(batch, n - count))
+        count += min(size, n - count)
+        if count >= n:
+            break
+    if not taken:
+        raise ValueError("init_batches is empty")
+    if count < n:
+        warnings.warn(f"lora_sb: init_samples is {n} but the init batches hold {count} samples: using "
+                      f"{count}", stacklevel=2)
+    return taken
+
+
 def full_gradients(
     model: nn.Module, pairs: list[LoraPair], batches: list[Any], loss_fn: LossFn
 ) -> list[torch.Tensor]:
-    """Mean gradient of each adapted base weight over ``batches`` (B = 0, so W = W0)."""
+    """Gradient of each adapted base weight (B = 0, so W = W0) of the loss averaged over the
+    samples of ``batches`` (each batch's loss weighted by its share of the samples)."""
     weights = [p.base_weight for p in pairs]
     flags = [w.requires_grad for w in weights]
     for w in weights:
         w.requires_grad_(True)
         w.grad = None
+    total = sum(batch_size(b) for b in batches)
     for batch in batches:
-        (loss_fn(model, batch) / len(batches)).backward()
+        (loss_fn(model, batch) * (batch_size(batch) / total)).backward()
     grads = [w.grad.detach().clone() for w in weights]  # type: ignore[union-attr]
     for w, flag in zip(weights, flags, strict=True):
         w.grad = None
@@ -116,13 +164,19 @@ class LoRASBHandle(PeftHandle):
 def apply_lora_sb(
     model: nn.Module,
     *,
-    init_batches: int = 1,
+    init_samples: int = 170,
+    init_batches: int | None = None,
+    init_update: Literal["sign", "gradient"] = "sign",
     init_lr: float = 1e-3,
     batches: InitBatches = None,
     loss_fn: LossFn = default_loss_fn,
     **lora_kwargs: Any,
 ) -> LoRASBHandle:
-    data = _take(batches, init_batches)
+    """``init_samples`` samples from ``batches`` (at most ``init_batches`` batches) estimate the
+    first update: -init_lr * sign(gradient) (the authors'), or -init_lr * gradient."""
+    if init_update not in ("sign", "gradient"):
+        raise ValueError(f"init_update must be 'sign' or 'gradient', not {init_update!r}")
+    data = take_samples(batches, init_samples, init_batches)
     base = apply_lora(model, name="lora_sb", **lora_kwargs)
     peft_model = base.model
     pairs = lora_pairs(peft_model)
@@ -130,7 +184,8 @@ def apply_lora_sb(
     with torch.no_grad():
         for p, g in zip(pairs, grads, strict=True):
             r = p.A.shape[0]
-            U, S, Vh = torch.linalg.svd(-init_lr * g.float(), full_matrices=False)
+            step = torch.sign(g.float()) if init_update == "sign" else g.float()
+            U, S, Vh = torch.linalg.svd(-init_lr * step, full_matrices=False)
             dtype, device = p.A.dtype, p.A.device
             core = CoreA(
                 Vh[:r].to(device=device, dtype=dtype),

@@ -1,12 +1,17 @@
 """LISA / OwLore: exactly the sampled blocks (plus the non-block parts) are trained."""
 
+import collections
+import itertools
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import scipy.stats
 import torch
 from transformers import AutoModelForCausalLM
 
+from algorithms.peft.config import LISAConfig, OwLoreConfig
 from algorithms.peft.layerwise import find_blocks
 from algorithms.peft.registry import apply
 from tests.unit.peft.helpers import hooked_step, lm_batch, tiny_llama
@@ -49,23 +54,71 @@ def test_exactly_the_sampled_layers_train(llama_dir: Path, name: str) -> None:
     assert seen[0] == seen[1] and seen[2] == seen[3]  # resampled only every `interval` steps
 
 
-def test_owlore_probabilities_follow_outlier_ratio(llama_dir: Path) -> None:
-    model = AutoModelForCausalLM.from_pretrained(str(llama_dir))
+def successive_sampling_law(p: list[float], k: int) -> dict[frozenset[int], float]:
+    """P(the k-subset drawn) when k items are drawn one by one without replacement, each draw
+    proportional to p among the items left (OwLore's and numpy.random.choice's rule)."""
+    law: dict[frozenset[int], float] = {}
+    for order in itertools.permutations(range(len(p)), k):
+        prob, left = 1.0, 1.0
+        for i in order:
+            prob *= p[i] / left
+            left -= p[i]
+        law[frozenset(order)] = law.get(frozenset(order), 0.0) + prob
+    return law
+
+
+def block_outlier_ratios(blocks: Any, tau: float) -> list[float]:
+    """OWL's ratio per block, weights only: fraction of its linear weights above tau * their mean."""
+    out = []
+    for block in blocks:
+        w = torch.cat([m.weight.detach().abs().flatten() for m in block.modules()
+                       if isinstance(m, torch.nn.Linear)]).double()
+        out.append(float((w > tau * w.mean()).double().mean()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama8_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("llama8"), layers=8)
+
+
+def test_owlore_samples_blocks_by_outlier_ratio_without_replacement(llama8_dir: Path) -> None:
+    """Defaults (5 blocks every 50 steps) on 8 blocks with planted outliers: the probabilities are
+    the normalised outlier ratios, and the drawn 5-subsets follow the successive-sampling law
+    (chi-square over all 56 subsets, 4000 periods, fixed seed). LISA's uniform sampler, run
+    through the same statistic, is rejected: the tolerance is one a uniform draw fails."""
+    model = AutoModelForCausalLM.from_pretrained(str(llama8_dir))
     blocks: Any = find_blocks(model)
-    with torch.no_grad():  # plant outliers: many in block 2, a few in block 0
-        blocks[2].mlp.down_proj.weight[:, :8] = 50.0
-        blocks[0].mlp.down_proj.weight[0, :2] = 50.0
-    handle = apply("owlore", model, n_layers=1, outlier_threshold=7.0)
-    probs = handle.probs  # type: ignore[attr-defined]
-    assert probs.argmax() == 2 and probs[0] > probs[1] and probs[0] > probs[3]
-    # probabilities are the normalised ratios (fraction of weights above tau * mean)
-    scores = torch.cat([m.weight.abs().flatten() for m in blocks[2].modules()
-                        if isinstance(m, torch.nn.Linear)])
-    ratio2 = float((scores > 7.0 * scores.mean()).float().mean())
-    assert ratio2 > 0
-    counts = torch.bincount(torch.stack([torch.multinomial(probs, 1) for _ in range(400)]).flatten(),
-                            minlength=4)
-    assert counts[2] > 200
+    with torch.no_grad():  # outlier columns: 1, 1, 2, 2, 3, 3, 4, 4 of them
+        for b, cols in enumerate([1, 1, 2, 2, 3, 3, 4, 4]):
+            blocks[b].mlp.down_proj.weight[:, :cols] = 50.0
+    ratios = block_outlier_ratios(blocks, 7.0)
+    handle = apply("owlore", model, outlier_threshold=7.0)
+    assert (handle.n_layers, handle.interval) == (5, 50)  # type: ignore[attr-defined]
+    law_p = [r / sum(ratios) for r in ratios]
+    torch.testing.assert_close(handle.probs.double(), torch.tensor(law_p, dtype=torch.float64), rtol=1e-5, atol=0)  # type: ignore[attr-defined]
+
+    law = successive_sampling_law(law_p, 5)
+    cells = sorted(law, key=sorted)
+    n = 4000
+
+    def p_value(draws: list[list[int]]) -> float:
+        counts = collections.Counter(frozenset(d) for d in draws)
+        assert all(len(d) == 5 and len(set(d)) == 5 for d in draws)  # without replacement
+        observed = np.array([counts[c] for c in cells], dtype=float)
+        expected = np.array([law[c] for c in cells]) * n
+        return float(scipy.stats.chisquare(observed, expected * observed.sum() / expected.sum()).pvalue)
+
+    assert p_value([handle.sample(k) for k in range(n)]) > 1e-3  # type: ignore[attr-defined]
+    lisa = apply("lisa", AutoModelForCausalLM.from_pretrained(str(llama8_dir)), n_layers=5, seed=0)
+    assert p_value([lisa.sample(k) for k in range(n)]) < 1e-6  # type: ignore[attr-defined]
+
+
+def test_layerwise_defaults_are_the_authors() -> None:
+    lisa, owlore = LISAConfig(name="lisa"), OwLoreConfig(name="owlore")
+    assert (lisa.n_layers, lisa.interval) == (2, 20)
+    assert (owlore.n_layers, owlore.interval) == (5, 50)
+    assert (owlore.rank, owlore.update_proj_gap, owlore.scale) == (256, 100, 1.0)
 
 
 def test_sampling_is_a_function_of_the_period(llama_dir: Path) -> None:

@@ -38,7 +38,8 @@ def test_apply_from_config_builds_a_handle() -> None:
 def test_data_driven_methods_require_batches() -> None:
     with pytest.raises(ValueError, match="needs init_batches"):
         registry.apply("lora_sb", TinyMLP(), target_modules=["fc1"])
-    h = registry.apply("lora_sb", TinyMLP(), target_modules=["fc1"], batches=iter([mlp_batch()]))
+    h = registry.apply("lora_sb", TinyMLP(), target_modules=["fc1"], batches=iter([mlp_batch()]),
+                       init_samples=16)
     assert h.param_counts()[0] == 8 * 8
 
 

@@ -29,7 +29,7 @@ CASES = [
     ("lora_pro", {}),
     ("lora_ggpo", {"rho": 0.1}),
     ("allora", {}),
-    ("lora_sb", {"init_batches": 1}),
+    ("lora_sb", {"init_samples": 4}),
     ("corda", {"init_batches": 2}),
     ("eva", {"init_batches": 2}),
 ]
@@ -60,7 +60,7 @@ def test_merged_save_loads_as_plain_model(llama_dir: Path, tmp_path: Path) -> No
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(llama_dir))
     handle = apply("lora_sb", model, r=4, merge_adapter=True, task_type="causal_lm",
-                   init_batches=1, batches=[lm_batch(5)])
+                   init_samples=4, batches=[lm_batch(5)])
     _train(handle)
     handle.model.eval()
     probe = lm_batch(99)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import sys
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +148,63 @@ def test_init_batches_are_rank_independent_dicts() -> None:
     b = peft_hooks.init_batches(spec, task, 2)
     assert len(a) == 2 and set(a[0]) == {"input_ids", "attention_mask", "labels"}
     assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x)
+
+
+def test_lora_ggpo_perturbs_from_the_second_step_in_the_worker_loop(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    """The real loop: the handle finds the AdamW the worker built (no moments at step 0, so no
+    perturbation), perturbs every later step and has put the base weights back at each step start."""
+    torch.manual_seed(0)
+    fake_ray(monkeypatch)
+    monkeypatch.setattr(train_loop, "RunLogger",
+                        lambda *a, **k: RecordingLogger(*a, **k, out=tmp_path / "artifacts"))
+    seen: dict[str, Any] = {"restored": [], "perturbed": []}
+    real_apply = peft_hooks.apply_peft
+
+    def recording_apply(spec: ExperimentSpec, model: torch.nn.Module, task: Any) -> tuple[Any, Any]:
+        model, handle = real_apply(spec, model, task)
+        w0 = [p.base_weight.detach().clone() for p in handle.pairs]
+        start = handle.on_step_start
+
+        def on_step_start(step: int, m: torch.nn.Module) -> None:
+            seen["restored"].append(all(torch.equal(p.base_weight, w) for p, w in zip(handle.pairs, w0, strict=True)))
+            start(step, m)
+            seen["perturbed"].append(any(not torch.equal(p.base_weight, w)
+                                         for p, w in zip(handle.pairs, w0, strict=True)))
+
+        handle.on_step_start = on_step_start
+        seen["handle"] = handle
+        return model, handle
+
+    monkeypatch.setattr(peft_hooks, "apply_peft", recording_apply)
+    spec = spec_for({"name": "lora_ggpo", "r": 4, "alpha": 8}, steps=5)
+    train_loop.train_worker({"spec": spec.resolved(), "mlflow_uri": "", "mlflow_run_id": "x"})
+    assert seen["perturbed"] == [False, True, True, True, True]
+    assert all(seen["restored"])
+    assert all(g is not None for g in seen["handle"].gbar())
+
+
+def test_lora_ggpo_refuses_fp16_loss_scaling() -> None:
+    spec = spec_for({"name": "lora_ggpo"})
+    assert spec.train is not None
+    spec.train.precision = "fp16"
+    with pytest.raises(ValueError, match="'lora_ggpo' does not support precision fp16"):
+        peft_hooks.check_strategy(spec)
+
+
+def test_lora_sb_gets_enough_batches_for_its_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """40 samples at the worker's micro-batch of 16: 3 batches fetched, 40 samples used."""
+    spec = spec_for({"name": "lora_sb", "r": 2, "init_samples": 40})
+    task = build_task(spec)
+    asked: list[int] = []
+    real = peft_hooks.init_batches
+
+    def recording(s: ExperimentSpec, t: Any, n: int) -> list[dict[str, Any]]:
+        asked.append(n)
+        return real(s, t, n)
+
+    monkeypatch.setattr(peft_hooks, "init_batches", recording)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "the init batches hold fewer samples" would raise
+        _, handle = peft_hooks.apply_peft(spec, task.build_model(), task)
+    assert asked == [3] and handle.name == "lora_sb"
