@@ -4,7 +4,9 @@ zeroth-order estimate (Refael, Arbel, Lindenbaum, Tirer; arXiv 2502.19571, TMLR 
 One step (``zeroth_order.ZerothOrderSAM``): Gaussian directions over all parameters, two forward
 passes each, ``eps = rho g_zo / ||g_zo||``, one forward-backward at ``theta + eps``, then AdamW on
 that gradient (torch's AdamW numerics: bias-corrected moments, ``eps`` after the bias correction,
-decoupled weight decay ``p *= 1 - lr wd`` first).
+decoupled weight decay ``p *= 1 - lr wd`` first). ``rho`` and ``mu`` may be set per parameter group
+(``zeroth_order`` gives the rule: each group probes with its own ``mu`` and is perturbed by its own
+``rho`` over the norm of the whole estimate).
 
 Which text this follows: the paper's abstract (single gradient per iteration, ZO estimate of SAM's
 ascent perturbation, Adam). The algorithm boxes of the arXiv/TMLR versions could not be read here
@@ -30,7 +32,7 @@ class AdaZoSAM(ZerothOrderSAM):
         super().__init__(params, defaults, seed)
 
     def targets(self) -> list[Target] | None:
-        return full_space_targets(p for g in self.param_groups for p in g["params"] if p.requires_grad)
+        return full_space_targets(self.param_groups)
 
     def update(self) -> None:
         for group in self.param_groups:

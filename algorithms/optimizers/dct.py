@@ -15,7 +15,10 @@ Matches the authors' ``DCTAdamW`` (``ista-daslab-optimizers`` 1.1.15, ``fft_low_
 ``proj="dct"``, ``sim_type="matmul"``, ``ell_norm=1``, ``use_ef=False``): basis orientation, L1
 column-norm selection, subspace chosen at steps 1, gap, 2 gap, ... (1-based), Adam with
 ``u = m / (sqrt(v) + eps sqrt(1-beta2^t))`` and step ``lr sqrt(1-beta2^t)/(1-beta1^t)`` (torch's AdamW),
-decoupled weight decay applied first. Differences:
+decoupled weight decay applied first, and DCTAdamW's default ``update_proj_gap=1``: a new selection
+every step. A selection costs, per matrix, the full coefficient matmul ``G C`` (n x n, where the
+projection alone is n x rank), a top-k and the moment matching, so a larger gap makes steps cheaper
+for an older subspace (the timings in bench/RESULTS.md use gaps of 100 and 200). Differences:
 
 - Moments on a subspace change (``moments_on_change="project"``, the default): each moment slot
   follows its basis vector; vectors that stay selected keep their moments, newly selected ones start
@@ -42,7 +45,7 @@ from algorithms.optimizers.projection import dct_matrix
 
 class DCT(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, rank: int = 128, update_proj_gap: int = 200,
+                 eps: float = 1e-8, weight_decay: float = 0.0, rank: int = 128, update_proj_gap: int = 1,
                  scale: float = 1.0, moments_on_change: str = "project", selection_norm: float = 1.0,
                  low_rank: bool = True) -> None:
         check_moments_on_change(moments_on_change)

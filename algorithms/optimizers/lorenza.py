@@ -12,9 +12,10 @@ gradient's projection on the subspace, ``lift(project(G))``; 1-D parameters are 
 Then one forward-backward at ``theta + eps``, the gradient is projected, Adam (torch's AdamW
 numerics, decoupled weight decay first) and the step lifted back and scaled by ``scale``.
 
-Exactly one backward per step. The subspace is refreshed from the gradient of that backward pass
-(taken at the perturbed point, the only gradient a step has); the very first step has no subspace
-to probe in yet, so it takes an unperturbed gradient (no probes) and builds the subspaces from it.
+``rho`` and ``mu`` are per parameter group (``zeroth_order`` gives the rule). Exactly one backward
+per step. The subspace is refreshed from the gradient of that backward pass (taken at the perturbed
+point, the only gradient a step has); the very first step has no subspace to probe in yet, so it
+takes an unperturbed gradient (no probes) and builds the subspaces from it.
 On a refresh the moments are carried into the new basis (``moments_on_change="project"``, see
 ``projection.transfer_moments_``) or kept (``"keep"``).
 
@@ -46,7 +47,7 @@ from algorithms.optimizers.projection import (
     randomized_svd_basis,
     transfer_moments_,
 )
-from algorithms.optimizers.zeroth_order import Target, ZerothOrderSAM
+from algorithms.optimizers.zeroth_order import Target, ZerothOrderSAM, full_space_target
 
 
 class Lorenza(ZerothOrderSAM):
@@ -74,14 +75,14 @@ class Lorenza(ZerothOrderSAM):
                     continue
                 side = self.side(p, group)
                 if side is None:
-                    out.append(Target(p, p.shape, lambda d, a, p=p: p.add_(d, alpha=a)))  # type: ignore[misc]
+                    out.append(full_space_target(p, group))
                     continue
                 state = self.state[p]
                 if "proj" not in state:
                     return None  # first step: no subspace to probe in yet
                 proj = state["proj"]
                 low_shape = (p.shape[0], proj.shape[0]) if side == "right" else (proj.shape[1], p.shape[1])
-                out.append(Target(p, torch.Size(low_shape), self._lift(p, state, side)))
+                out.append(Target(p, torch.Size(low_shape), self._lift(p, state, side), group["rho"], group["mu"]))
         return out
 
     @staticmethod

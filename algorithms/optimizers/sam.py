@@ -6,6 +6,11 @@ gives ``g``; the weights move to ``theta + rho g / ||g||`` (norm over all parame
 forward-backward there gives the gradient the base optimizer (``sgd`` with ``momentum``, or
 ``adamw``) steps with, after the perturbation is removed (subtracted: no copy of the weights).
 Two backward passes per step. Returns the loss at ``theta``.
+
+``rho`` is read per parameter group (the optimizer's ``rho`` unless a group sets its own), as torch
+optimizers read ``lr``: group ``k`` moves by ``rho_k g_k / ||g||``. The norm stays the global one
+over all parameters, as in Foret et al.'s ``e_w = rho g / ||g||``, so with a single ``rho`` this is
+exactly their rule; a group's perturbation then has length ``rho_k ||g_k|| / ||g||``, not ``rho_k``.
 """
 
 from collections.abc import Callable, Iterable
@@ -41,6 +46,9 @@ class SAM(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.base.load_state_dict(state_dict)
+        # torch replaces the base's group dicts: share them again, or an LR scheduler (or a per-group
+        # rho) set on this optimizer after a resume would no longer reach the base optimizer
+        self.param_groups = self.base.param_groups
         self.state = self.base.state
 
     @torch.no_grad()
@@ -49,15 +57,16 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("SAM needs the closure forward_backward(backward: bool) -> loss")
         with torch.enable_grad():
             loss = closure(backward=True)
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        pairs = [(p, g["rho"]) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        params = [p for p, _ in pairs]
         grads = [p.grad for p in params]
         device = self.param_groups[0]["params"][0].device
         sq = sum((n.double().square() for n in torch._foreach_norm(grads)), torch.zeros((), device=device,
                                                                                         dtype=torch.float64))
         if self.partitioned:
             dist.all_reduce(sq, group=self.partition_group)
-        scale = self.param_groups[0]["rho"] / (sq.sqrt() + 1e-12)
-        eps = [g * scale.to(g.dtype) for g in grads]
+        inv_norm = 1.0 / (sq.sqrt() + 1e-12)
+        eps = [g * (rho * inv_norm).to(g.dtype) for g, (_, rho) in zip(grads, pairs, strict=True)]
         if params:
             torch._foreach_add_(params, eps)
         with torch.enable_grad():

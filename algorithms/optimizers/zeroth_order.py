@@ -12,8 +12,17 @@ With the loop's closure ``forward_backward(backward: bool) -> loss``:
 3. one forward-backward at ``theta + eps`` gives the gradient used by the update; the perturbation
    is removed (subtracted, so no copy of the weights is kept) and the optimizer steps.
 
-``rho``, ``mu`` and ``n_directions`` are optimizer-wide (the directions perturb all parameters
-together). The returned loss is the mean of ``(f+ + f-)/2``, the loss at ``theta`` to O(mu^2).
+``rho`` and ``mu`` are read per parameter group (the optimizer's values unless a group sets its own),
+as torch optimizers read ``lr``, so that they can be tuned per group. The rule above then becomes:
+the probe moves group ``k``'s parameters by ``+-mu_k u_jk``; since ``f+ - f-`` is then
+``2 sum_k mu_k <u_jk, grad_k>`` to first order, group ``k``'s estimate is
+``g_k = (1/n) sum_j (f+ - f-) / (2 mu_k) u_jk``, which is unbiased for ``grad_k`` whatever the other
+groups' ``mu`` (and is step 2's rule when all are equal); its perturbation is
+``eps_k = rho_k g_k / ||g||`` with the norm still over all parameters, as in SAM with per-group
+``rho``. A group with ``rho = 0`` is probed (its estimate counts in the norm) but not perturbed; a
+step probes only if some group has ``rho > 0``. ``n_directions`` is optimizer-wide: a direction
+perturbs all parameters together. The returned loss is the mean of ``(f+ + f-)/2``, the loss at
+``theta`` to O(mu^2).
 
 Random directions come from a generator seeded by (seed, step, parameter key, direction), so they
 do not depend on how parameters are grouped or partitioned across ranks (``assign_keys``). Under
@@ -35,11 +44,14 @@ Closure = Callable[..., torch.Tensor]
 
 @dataclass
 class Target:
-    """A parameter the probes move: ``apply_(coords, alpha)`` does ``p += alpha * lift(coords)``."""
+    """A parameter the probes move: ``apply_(coords, alpha)`` does ``p += alpha * lift(coords)``;
+    ``rho`` and ``mu`` are those of the parameter's group."""
 
     param: torch.Tensor
     shape: torch.Size
     apply_: Callable[[torch.Tensor, float], None]
+    rho: float
+    mu: float
 
 
 class ZerothOrderSAM(torch.optim.Optimizer):
@@ -92,32 +104,35 @@ class ZerothOrderSAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def zo_ascent(self, closure: Closure, targets: list[Target], step: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Steps 1-2: returns (loss estimate at theta, the perturbation eps in each target's coords)."""
-        mu, rho, n = self.defaults["mu"], self.defaults["rho"], self.defaults["n_directions"]
+        """Steps 1-2: returns (loss estimate at theta, the perturbation eps in each target's coords),
+        with each target's own ``mu`` and ``rho`` (see the module docstring)."""
+        n = self.defaults["n_directions"]
         est: list[torch.Tensor] = []
         loss = torch.zeros((), dtype=torch.float64, device=targets[0].param.device)
         for j in range(n):
             dirs = [torch.randn(t.shape, generator=self._generator(t.param, step, j), device=t.param.device,
                                 dtype=t.param.dtype) for t in targets]
             for t, d in zip(targets, dirs, strict=True):
-                t.apply_(d, mu)
+                t.apply_(d, t.mu)
             f_plus = self._forward(closure)
             for t, d in zip(targets, dirs, strict=True):
-                t.apply_(d, -2 * mu)
+                t.apply_(d, -2 * t.mu)
             f_minus = self._forward(closure)
             for t, d in zip(targets, dirs, strict=True):
-                t.apply_(d, mu)
+                t.apply_(d, t.mu)
             loss = loss + (f_plus + f_minus).to(loss.device) / (2 * n)
-            c = (f_plus - f_minus) / (2 * mu * n)
+            c = (f_plus - f_minus) / (2 * n)  # divided by each target's mu below, once
             if j == 0:
                 est = dirs
                 torch._foreach_mul_(est, c.to(dirs[0].device))
             else:
                 torch._foreach_add_(est, torch._foreach_mul(dirs, c.to(dirs[0].device)))
+        torch._foreach_mul_(est, [1.0 / t.mu for t in targets])  # the gradient estimate g
         sq = torch.stack([x.double() for x in torch._foreach_norm(est)]).square().sum()
         if self.partitioned:
             dist.all_reduce(sq, group=self.partition_group)
-        torch._foreach_mul_(est, (rho / (sq.sqrt() + 1e-12)).to(est[0].dtype))
+        torch._foreach_mul_(est, [t.rho for t in targets])
+        torch._foreach_mul_(est, (1.0 / (sq.sqrt() + 1e-12)).to(est[0].dtype))
         return loss, est
 
     @torch.no_grad()
@@ -127,11 +142,17 @@ class ZerothOrderSAM(torch.optim.Optimizer):
                                "(it probes the loss with forward passes)")
         group0 = self.param_groups[0]
         group0["zo_step"] = step = int(group0.get("zo_step", 0)) + 1
-        targets = self.targets() if self.defaults["rho"] > 0 else None
+        wanted = any(g["rho"] > 0 for g in self.param_groups)
+        targets = self.targets()
         if self.partitioned:  # every rank probes, or none does (the closure runs collectives)
-            flag = torch.tensor(1.0 if targets else 0.0, device=self.param_groups[0]["params"][0].device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.partition_group)
-            targets = targets if float(flag) > 0 else None
+            # one MIN-reduction: every rank has its targets (LORENZA's subspaces), and some rank's
+            # groups want a perturbation (a rank sees only the groups of the parameters it owns)
+            flags = torch.tensor([1.0 if targets else 0.0, -1.0 if wanted else 0.0],
+                                 device=self.param_groups[0]["params"][0].device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.partition_group)
+            wanted = float(flags[1]) < 0
+            targets = targets if float(flags[0]) > 0 else None
+        targets = targets if wanted else None
         if not targets:
             with torch.enable_grad():
                 loss = closure(backward=True)
@@ -147,6 +168,14 @@ class ZerothOrderSAM(torch.optim.Optimizer):
         return loss
 
 
-def full_space_targets(params: Iterable[torch.Tensor]) -> list[Target]:
-    """Every parameter, perturbed in its full space."""
-    return [Target(p, p.shape, lambda d, a, p=p: p.add_(d, alpha=a)) for p in params]  # type: ignore[misc]
+def full_space_target(p: torch.Tensor, group: Mapping[str, Any]) -> Target:
+    """A parameter perturbed in its full space, with its group's ``rho`` and ``mu``."""
+    def apply_(d: torch.Tensor, alpha: float) -> None:
+        p.add_(d, alpha=alpha)
+
+    return Target(p, p.shape, apply_, group["rho"], group["mu"])
+
+
+def full_space_targets(groups: Iterable[Mapping[str, Any]]) -> list[Target]:
+    """Every parameter that needs a gradient, perturbed in its full space."""
+    return [full_space_target(p, g) for g in groups for p in g["params"] if p.requires_grad]

@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 import torch
 
+from algorithms.optimizers.config import DCTConfig
 from algorithms.optimizers.dct import DCT
 from algorithms.optimizers.projection import dct_matrix
+from algorithms.optimizers.registry import build_from_config
 from tests.unit.optimizers.helpers import TwoLayer, batches, max_diff, train
 
 
@@ -59,15 +61,12 @@ def test_oracle_rotation_aliases_its_output() -> None:
     assert not torch.allclose(w, expected)
 
 
-@pytest.mark.parametrize(("gap", "rotate"), [(100, False), (100, True), (3, True), (1, True)])
-def test_matches_dct_adamw_for_20_steps(dct_adamw: Any, gap: int, rotate: bool,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """One subspace (gap > steps), and refreshes with moments following their basis vectors: the
-    oracle's ``rotate_subspace=True`` with two fixes. Its in-place matmul is replaced by a copy (see
-    above), and its rotation ``R = Q[:, old]^T Q[:, new]``, a 0/1 matching matrix in exact arithmetic
-    (the DCT columns are orthonormal), is rounded to it: float32 leaves ~1e-7 entries where a newly
-    selected vector meets the old moments, and Adam's first step on that vector (v ~ 0) amplifies
-    them for coordinates with small gradients."""
+def fix_oracle_rotation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oracle's ``rotate_subspace=True`` with two fixes. Its in-place matmul is replaced by a copy
+    (see above), and its rotation ``R = Q[:, old]^T Q[:, new]``, a 0/1 matching matrix in exact
+    arithmetic (the DCT columns are orthonormal), is rounded to it: float32 leaves ~1e-7 entries where
+    a newly selected vector meets the old moments, and Adam's first step on that vector (v ~ 0)
+    amplifies them for coordinates with small gradients."""
     proj_cls = sys.modules["ista_daslab_optimizers.fft_low_rank.fft_projector"].FFTLowRankProjector
 
     def rotate_subspace(self: Any, r: torch.Tensor, w: torch.Tensor) -> None:
@@ -75,6 +74,14 @@ def test_matches_dct_adamw_for_20_steps(dct_adamw: Any, gap: int, rotate: bool,
         w.copy_(w @ r if self.is_right_proj else r @ w)
 
     monkeypatch.setattr(proj_cls, "rotate_subspace", rotate_subspace)
+
+
+@pytest.mark.parametrize(("gap", "rotate"), [(100, False), (100, True), (3, True), (1, True)])
+def test_matches_dct_adamw_for_20_steps(dct_adamw: Any, gap: int, rotate: bool,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One subspace (gap > steps), and refreshes with moments following their basis vectors
+    (``fix_oracle_rotation``)."""
+    fix_oracle_rotation(monkeypatch)
     ref, ours = square_min_model(), square_min_model()
     data = batches(20, d_in=16, d_out=16)
     run_oracle(dct_adamw, ref, data, lr=1e-2, weight_decay=0.01, rank=5, update_proj_gap=gap,
@@ -84,6 +91,21 @@ def test_matches_dct_adamw_for_20_steps(dct_adamw: Any, gap: int, rotate: bool,
     train(ours, opt, data)
     assert max_diff(ref, ours) < 1e-5
     assert max_diff(square_min_model(), ours) > 1e-2
+
+
+def test_default_gap_is_the_authors(dct_adamw: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither side names ``update_proj_gap``: the spec's default (DCTConfig, built through the
+    registry) and the class's must give DCTAdamW's default trajectory (a selection every step)."""
+    fix_oracle_rotation(monkeypatch)
+    data = batches(20, d_in=16, d_out=16)
+    ref = square_min_model()
+    run_oracle(dct_adamw, ref, data, lr=1e-2, weight_decay=0.01, rank=5, rotate_subspace=True)
+    cfg = DCTConfig(name="dct", lr=1e-2, weight_decay=0.01, rank=5)
+    for build in (lambda m: build_from_config(cfg, m.parameters()),
+                  lambda m: DCT(m.parameters(), lr=1e-2, weight_decay=0.01, rank=5)):
+        ours = square_min_model()
+        train(ours, build(ours), data)
+        assert max_diff(ref, ours) < 1e-5
 
 
 def test_basis_is_orthonormal_and_the_authors_orientation(dct_adamw: Any) -> None:

@@ -22,8 +22,20 @@ CASES: dict[str, dict[str, Any]] = {
     "dct": {"lr": 1e-2, "rank": 4, "update_proj_gap": 2},
     "lorenza": {"lr": 1e-2, "rank": 4, "update_proj_gap": 3, "n_directions": 2, "plus": True},
     "sam": {"lr": 1e-2, "momentum": 0.9},
+    "adazo_sam": {"lr": 1e-2, "n_directions": 2},
 }
+# Cases run with two parameter groups, fc1 and fc2, with these hyperparameters. With TwoLayer's
+# sizes rank 0 owns fc1 and rank 1 fc2: for adazo_sam only rank 1's group wants a perturbation
+# (rho > 0), and both ranks must still probe, as the unpartitioned optimizer does.
+GROUPS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {"adazo_sam": ({"rho": 0.0}, {"rho": 0.1, "mu": 1e-2})}
 STEPS = 6
+
+
+def params_of(model: TwoLayer, name: str) -> Any:
+    if name not in GROUPS:
+        return model.parameters()
+    first, second = GROUPS[name]
+    return [{"params": list(model.fc1.parameters()), **first}, {"params": list(model.fc2.parameters()), **second}]
 
 
 def run(opt: Any, model: TwoLayer, data: list[Any]) -> None:
@@ -50,7 +62,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             return build(name, groups, **hp)
 
         model = TwoLayer()
-        opt = PartitionedOptimizer(model.parameters(), make)
+        opt = PartitionedOptimizer(params_of(model, name), make)
         run(opt, model, data[:3])
         gathered: list[Any] = [opt.gather_state_dict(0)]
         dist.broadcast_object_list(gathered, src=0)
@@ -58,7 +70,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         run(opt, model, data[3:])
         resumed_model = TwoLayer()
         resumed_model.load_state_dict(snapshot)
-        resumed = PartitionedOptimizer(resumed_model.parameters(), make)
+        resumed = PartitionedOptimizer(params_of(resumed_model, name), make)
         resumed.load_state_dict(gathered[0])
         run(resumed, resumed_model, data[3:])
         index: dict[torch.Tensor, int] = {p: i for i, p in enumerate(model.parameters())}
@@ -87,9 +99,11 @@ def test_partitioned_equals_unpartitioned_with_two_gloo_ranks(tmp_path: Path) ->
     n_params = len(list(TwoLayer().parameters()))
     for name, hp in CASES.items():
         ref = TwoLayer()
-        run(build(name, ref.parameters(), **hp), ref, data)
+        run(build(name, params_of(ref, name), **hp), ref, data)
         owned = [ranks[r][name]["owned"] for r in range(2)]
         assert sorted(owned[0] + owned[1]) == list(range(n_params)) and owned[0] and owned[1]
+        if name in GROUPS:  # what the GROUPS case relies on
+            assert owned == [[0, 1], [2, 3]]
         for r in range(2):
             res = ranks[r][name]
             for a, b, c in zip(res["params"], res["resumed"], ref.parameters(), strict=True):

@@ -233,3 +233,149 @@ def test_randomized_svd_finds_the_dominant_subspace() -> None:
         approx, _ = randomized_svd_basis(a, 4, side, oversampling=4, power_iters=1, generator=gen)  # type: ignore[arg-type]
         overlap = exact.T @ approx if side == "left" else exact @ approx.T
         assert torch.linalg.svdvals(overlap).min() > 0.9999
+
+
+# ---- per-group rho and mu ------------------------------------------------------------------------
+class Recording(CountingClosure):
+    """Also keeps the parameters each pass ran at."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.seen: list[list[torch.Tensor]] = []
+
+    def __call__(self, backward: bool = True) -> torch.Tensor:
+        self.seen.append([p.detach().clone() for p in self.params])
+        return super().__call__(backward)
+
+
+def two_groups(model: nn.Module, **second: float) -> list[dict[str, Any]]:
+    """fc1 with the optimizer's defaults, fc2 with its own hyperparameters."""
+    return [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters()), **second}]  # type: ignore[index]
+
+
+def test_sam_perturbs_each_group_by_its_rho_over_the_global_norm() -> None:
+    """Foret et al.'s e_w = rho g / ||g|| with rho per group: fc1 moves by 0.05 g/||g||, fc2 by
+    0.3 g/||g||, ||g|| over all four tensors; then the base SGD step (per-group lr) from theta."""
+    model, batch = small(), data64()
+    ref = copy.deepcopy(model)
+    opt = SAM(two_groups(model, rho=0.3, lr=0.05), lr=0.1, rho=0.05, base="sgd", momentum=0.9)
+    ref_opt = torch.optim.SGD(two_groups(ref, lr=0.05), lr=0.1, momentum=0.9)
+    rhos = [0.05, 0.05, 0.3, 0.3]  # fc1 weight, bias; fc2 weight, bias
+    for _ in range(3):
+        closure = Recording(model, list(model.parameters()), batch)
+        opt.step(closure)
+        at, perturbed = closure.seen
+        g = true_grad(ref, batch)
+        norm = flat(g).norm()
+        eps = [rho * x / norm for rho, x in zip(rhos, g, strict=True)]
+        for a, r, p, e in zip(at, ref.parameters(), perturbed, eps, strict=True):
+            assert torch.allclose(a, r, rtol=0, atol=1e-12)
+            assert torch.allclose(p - a, e, rtol=1e-8, atol=1e-13)  # SAM adds 1e-12 to the norm
+        with torch.no_grad():
+            for p, e in zip(ref.parameters(), eps, strict=True):
+                p.add_(e)
+        ref_opt.zero_grad()
+        loss_of(ref, batch).backward()
+        with torch.no_grad():
+            for p, e in zip(ref.parameters(), eps, strict=True):
+                p.sub_(e)
+        ref_opt.step()
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_sam_resumed_shares_its_groups_with_the_base_optimizer() -> None:
+    """After load_state_dict, hyperparameters set on SAM's groups (an LR scheduler's lr) still reach
+    the base optimizer: with lr 0 a resumed step leaves the weights where they are."""
+    model, batch = small(), data64()
+    opt = SAM(model.parameters(), lr=0.1, rho=0.05, base="sgd", momentum=0.9)
+    opt.step(CountingClosure(model, list(model.parameters()), batch))
+    resumed = SAM(model.parameters(), lr=0.1, rho=0.05, base="sgd", momentum=0.9)
+    resumed.load_state_dict(opt.state_dict())
+    for group in resumed.param_groups:
+        group["lr"] = 0.0
+    before = [p.detach().clone() for p in model.parameters()]
+    resumed.step(CountingClosure(model, list(model.parameters()), batch))
+    for a, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(a, b)
+
+
+def zo_rule(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], dirs: list[list[torch.Tensor]],
+            mus: list[float], rhos: list[float]) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+    """The per-group rule written out, from full-space directions ``dirs[j][param]``: the probe points
+    theta +- mu_k u_jk, and eps_k = rho_k g_k / ||g|| with g_k = mean_j (f+ - f-) / (2 mu_k) u_jk."""
+    theta = [p.detach().clone() for p in model.parameters()]
+    points: list[list[torch.Tensor]] = []
+    est = [torch.zeros_like(t) for t in theta]
+    for us in dirs:
+        plus = [t + mu * u for t, u, mu in zip(theta, us, mus, strict=True)]
+        minus = [t - mu * u for t, u, mu in zip(theta, us, mus, strict=True)]
+        points += [plus, minus]
+        f = []
+        for point in (plus, minus):
+            probe = copy.deepcopy(model)
+            with torch.no_grad():
+                for p, x in zip(probe.parameters(), point, strict=True):
+                    p.copy_(x)
+                f.append(float(loss_of(probe, batch)))
+        for e, u, mu in zip(est, us, mus, strict=True):
+            e.add_((f[0] - f[1]) / (2 * mu * len(dirs)) * u)
+    norm = math.sqrt(sum(float((e**2).sum()) for e in est))
+    return points, [rho * e / norm for e, rho in zip(est, rhos, strict=True)]
+
+
+@pytest.mark.parametrize("name", ["adazo_sam", "lorenza"])
+def test_zo_probes_and_perturbation_use_each_groups_rho_and_mu(name: str) -> None:
+    """fc1 keeps the defaults (rho 0.05, mu 1e-4), fc2 sets rho 0.3 and mu 0.1: the probes must move
+    fc2 by 0.1 u and its perturbation must be 0.3 g_fc2 / ||g||; LORENZA's directions are lifted
+    from its subspaces (Z P on the right, P Z on the left; biases in full)."""
+    model, batch = small(), data64()
+    groups = two_groups(model, rho=0.3, mu=0.1)
+    n = 2
+    opt: AdaZoSAM | Lorenza
+    if name == "adazo_sam":
+        opt, step = AdaZoSAM(groups, lr=1e-2, rho=0.05, mu=1e-4, n_directions=n, seed=5), 1
+    else:
+        opt = Lorenza(groups, lr=1e-2, rank=2, rho=0.05, mu=1e-4, n_directions=n, seed=5)
+        opt.step(CountingClosure(model, list(model.parameters()), batch))  # builds the subspaces
+        step = 2
+    params = list(model.parameters())
+    mus, rhos = [1e-4, 1e-4, 0.1, 0.1], [0.05, 0.05, 0.3, 0.3]
+
+    def direction(p: torch.Tensor, j: int) -> torch.Tensor:
+        if name == "adazo_sam" or p.dim() == 1:
+            return torch.randn(p.shape, generator=opt._generator(p, step, j), dtype=p.dtype)
+        proj = opt.state[p]["proj"]
+        if Lorenza.side(p, opt.param_groups[0]) == "right":
+            z = torch.randn((p.shape[0], proj.shape[0]), generator=opt._generator(p, step, j), dtype=p.dtype)
+            return z @ proj
+        z = torch.randn((proj.shape[1], p.shape[1]), generator=opt._generator(p, step, j), dtype=p.dtype)
+        return proj @ z
+
+    dirs = [[direction(p, j) for p in params] for j in range(n)]
+    points, eps = zo_rule(model, batch, dirs, mus, rhos)
+    closure = Recording(model, params, batch)
+    targets = opt.targets()
+    assert targets is not None
+    theta = [p.detach().clone() for p in params]
+    _, low = opt.zo_ascent(closure, targets, step)
+    assert closure.backwards == 0 and len(closure.seen) == 2 * n
+    for seen, expected in zip(closure.seen, points, strict=True):
+        for a, b in zip(seen, expected, strict=True):
+            assert torch.allclose(a, b, rtol=0, atol=1e-14)
+    with torch.no_grad():
+        for t, e in zip(targets, low, strict=True):
+            t.apply_(e, 1.0)
+    for p, before, e in zip(params, theta, eps, strict=True):
+        assert torch.allclose(p.detach() - before, e, rtol=0, atol=1e-12)
+
+
+def test_zo_step_probes_when_some_group_has_a_radius() -> None:
+    """The optimizer-wide rho is 0 but fc2's is 0.1: the step probes (2 forwards per direction);
+    with every group at 0 it is a plain gradient step."""
+    for second, passes in ((0.1, (1, 2 * 3 + 1)), (0.0, (1, 1))):
+        model = small()
+        opt = AdaZoSAM(two_groups(model, rho=second), lr=1e-2, rho=0.0, n_directions=3, seed=0)
+        closure = CountingClosure(model, list(model.parameters()), data64())
+        opt.step(closure)
+        assert (closure.backwards, closure.forwards) == passes
