@@ -133,7 +133,7 @@ def test_readyz_is_bounded_when_mlflow_hangs(tmp_path: Path) -> None:
         client = make_client(f"sqlite:///{tmp_path / 'a.db'}", tracker=tracker)
         t0 = time.monotonic()
         r = client.get("/readyz")
-        assert time.monotonic() - t0 < 1.5
+        assert time.monotonic() - t0 < 3.0  # the check's own bound is 0.8 s; slack for a loaded machine
         assert r.status_code == 503 and r.json()["unavailable"] == ["mlflow"]
         assert "127.0.0.1" not in r.text and "Timeout" not in r.text  # nothing internal told
 
@@ -147,7 +147,7 @@ def test_readyz_is_bounded_when_mlflow_hangs(tmp_path: Path) -> None:
             assert client.get("/v1/experiments").status_code == 200
             assert client.post("/v1/experiments", content=QUICKSTART,
                                headers={"Content-Type": "application/yaml"}).status_code == 201
-            assert time.monotonic() - t0 < 2.0
+            assert time.monotonic() - t0 < 5.0  # unbounded, these waited behind 100 probes for minutes
             assert {p.result(timeout=30) for p in probes} == {503}
 
 
