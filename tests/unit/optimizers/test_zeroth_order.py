@@ -62,6 +62,19 @@ def perturbation(opt: AdaZoSAM | Lorenza, model: nn.Module, batch: tuple[torch.T
     return [a - b for a, b in zip(after, before, strict=True)]
 
 
+
+def sam_reference_step(ref: nn.Module, ref_opt: torch.optim.Optimizer, batch: Any, eps: list[torch.Tensor]) -> None:
+    """SAM's rule by hand: the gradient at w + eps, taken back at w by the base optimizer."""
+    with torch.no_grad():
+        for p, e in zip(ref.parameters(), eps, strict=True):
+            p.add_(e)
+    ref_opt.zero_grad()
+    loss_of(ref, batch).backward()
+    with torch.no_grad():
+        for p, e in zip(ref.parameters(), eps, strict=True):
+            p.sub_(e)
+    ref_opt.step()
+
 def test_adazo_estimate_turns_towards_the_gradient_as_directions_grow() -> None:
     model, batch = small(), data64()
     g = flat(true_grad(model, batch))
@@ -182,16 +195,8 @@ def test_sam_step_matches_the_two_pass_rule() -> None:
         opt.step(CountingClosure(model, list(model.parameters()), batch))
         g = true_grad(ref, batch)
         norm = flat(g).norm()
-        with torch.no_grad():
-            eps = [0.05 * x / norm for x in g]
-            for p, e in zip(ref.parameters(), eps, strict=True):
-                p.add_(e)
-        ref_opt.zero_grad()
-        loss_of(ref, batch).backward()
-        with torch.no_grad():
-            for p, e in zip(ref.parameters(), eps, strict=True):
-                p.sub_(e)
-        ref_opt.step()
+        eps = [0.05 * x / norm for x in g]
+        sam_reference_step(ref, ref_opt, batch, eps)
     for a, b in zip(model.parameters(), ref.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-10)
 
@@ -271,15 +276,7 @@ def test_sam_perturbs_each_group_by_its_rho_over_the_global_norm() -> None:
         for a, r, p, e in zip(at, ref.parameters(), perturbed, eps, strict=True):
             assert torch.allclose(a, r, rtol=0, atol=1e-12)
             assert torch.allclose(p - a, e, rtol=1e-8, atol=1e-13)  # SAM adds 1e-12 to the norm
-        with torch.no_grad():
-            for p, e in zip(ref.parameters(), eps, strict=True):
-                p.add_(e)
-        ref_opt.zero_grad()
-        loss_of(ref, batch).backward()
-        with torch.no_grad():
-            for p, e in zip(ref.parameters(), eps, strict=True):
-                p.sub_(e)
-        ref_opt.step()
+        sam_reference_step(ref, ref_opt, batch, eps)
     for a, b in zip(model.parameters(), ref.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-12)
 
