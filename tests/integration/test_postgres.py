@@ -133,3 +133,28 @@ def test_two_schedulers_keep_one_limit_and_dispatch_each_run_once(postgres_url: 
         from service.models import RunRow
 
         assert {r.status for r in s.scalars(select(RunRow))} == {"succeeded"}
+
+
+def test_leader_lock_is_released_after_every_pass(postgres_url: str) -> None:
+    """Each pass's advisory lock is freed on the connection that took it: with several idle
+    connections in the pool (which hands them out in turn), every pass of the same role still
+    gets the lock and none is left behind."""
+    from sqlalchemy import text
+
+    from service.repo import leader
+
+    upgrade(postgres_url)
+    engine = engine_for(postgres_url)
+    sessions = session_factory(engine)
+    for _ in range(6):
+        idle = [engine.connect() for _ in range(3)]
+        for conn in idle:
+            conn.close()  # back to the pool: the next checkouts draw different connections
+        with leader.leading(sessions, leader.RECONCILER) as held:
+            assert held
+            with sessions() as s:  # the pass's own work, on other connections
+                s.execute(text("SELECT 1"))
+                s.commit()
+        with sessions() as s:
+            count = s.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")).scalar()
+        assert count == 0
