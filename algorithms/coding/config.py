@@ -46,13 +46,15 @@ class FractionalRepetitionConfig(CodeBase):
 
 class CyclicRepetitionConfig(CodeBase):
     scheme: Literal["cyclic_repetition"]
-    seed: int = Field(default=0, ge=0, description="seed of Algorithm 2's random candidates")
+    seed: int = Field(default=0, ge=0, description="no effect: the cyclic code is deterministic now; "
+                      "kept so that specs written when it seeded random candidates still validate")
 
 
 class _SequentialBase(CodeBase):
     burst: int = Field(default=1, ge=1, le=64, description="B: longest straggler burst (rounds)")
     window: int = Field(default=2, ge=2, le=64, description="W: window of the bursty model")
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, description="no effect (the codes are deterministic); kept so that "
+                      "older specs still validate")
     patience: float = Field(
         default=0.5, ge=0.0, le=100.0,
         description="mu: the server waits (1 + mu) x the first worker's time, then declares the "

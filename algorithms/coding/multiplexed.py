@@ -14,8 +14,11 @@ stragglers. Job ``t`` owns one "slot" of every worker in each of rounds ``t .. t
 Piece sizes equalise the mini-tasks: a D1 piece is ``lambda + 1`` times a D2 piece, so the
 normalised load per round is ``(lambda+1)(W-1+B) / (n (B + (W-1)(lambda+1)))`` versus
 ``(lambda+1)/n`` for GC that tolerates ``lambda`` stragglers per round (paper, Theorem 2 /
-Eq. for M-SGC). Why it meets the deadline under the model: a worker's straggles in slots
-``0 .. W-2`` lie in one burst, and its next burst starts at least ``W`` rounds after that
+Eq. for M-SGC); that holds only because the GC gives each worker exactly ``lambda + 1`` pieces,
+so a coded mini-task is as large as a D1 one. ``load`` measures it from the tasks.
+
+Why it meets the deadline under the model: a worker's straggles in slots ``0 .. W-2`` lie in
+one burst, and its next burst starts at least ``W`` rounds after that
 burst's last round, so its ``W - 1`` D1 pieces finish by slot ``W + B - 2``; a worker missing
 from group ``g`` straggled inside the ``W`` rounds ``t + g .. t + W - 1 + g``, so at most
 ``lambda`` workers miss each group.
@@ -29,9 +32,9 @@ from algorithms.coding.sequential import RoundBasedCode, base_code, coded_task
 
 class MultiplexedSGC(RoundBasedCode):
     def __init__(self, n_workers: int, burst: int, window: int, lam: int,
-                 n_jobs: int | None = None, seed: int = 0) -> None:
+                 n_jobs: int | None = None) -> None:
         super().__init__(n_workers, burst, window, lam, delay=window - 2 + burst, n_jobs=n_jobs)
-        self.code = base_code(n_workers, lam, seed)  # GC of each D2 group
+        self.code = base_code(n_workers, lam)  # GC of each D2 group
         self.d1_per_worker = window - 1
         self._d1_done: dict[int, list[int]] = {}  # job -> D1 pieces finished per worker
         self.minitasks = window - 1 + burst
@@ -47,11 +50,8 @@ class MultiplexedSGC(RoundBasedCode):
         d1 = [(lam + 1) * v] * (n * self.d1_per_worker)
         return tuple(d1 + [v] * (self.burst * self.code.n_parts))
 
-    @property
-    def load(self) -> float:
-        """Paper's normalised load per worker per round (all slots busy)."""
-        n, lam, B, W = self.n_workers, self.lam, self.burst, self.window
-        return (lam + 1) * (W - 1 + B) / (n * (B + (W - 1) * (lam + 1)))
+    def _fresh(self) -> MultiplexedSGC:
+        return MultiplexedSGC(self.n_workers, self.burst, self.window, self.lam)
 
     def _d1_task(self, job: int, worker: int, kind: str) -> Task:
         piece = worker * self.d1_per_worker + self._d1_done[job][worker]

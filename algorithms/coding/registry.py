@@ -43,14 +43,14 @@ def build(scheme: str, n_workers: int, n_stragglers: int, **params: Any) -> Code
 def build_from_config(cfg: CodeBase, n_workers: int) -> Code:
     """Build from a validated ``CodingConfig`` (see ``config.py``); checks ``n`` first."""
     cfg.validate_for(n_workers)
-    params = cfg.model_dump(exclude={"scheme", "stragglers", "patience"})  # patience: server side
+    # patience is the server's; seed no longer changes the (deterministic) codes
+    params = cfg.model_dump(exclude={"scheme", "stragglers", "patience", "seed"})
     return build(cfg.scheme, n_workers, cfg.stragglers, **params)
 
 
 def _sequential(cls: type) -> Builder:
-    def make(n: int, lam: int, burst: int = 1, window: int = 2, seed: int = 0,
-             n_jobs: int | None = None) -> Any:
-        return cls(n, burst, window, lam, n_jobs=n_jobs, seed=seed)
+    def make(n: int, lam: int, burst: int = 1, window: int = 2, n_jobs: int | None = None) -> Any:
+        return cls(n, burst, window, lam, n_jobs=n_jobs)
 
     return make
 

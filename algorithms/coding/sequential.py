@@ -26,12 +26,13 @@ from algorithms.coding.repetition import CyclicRepetition, FractionalRepetition,
 from algorithms.coding.straggler_model import window_ok
 
 
-def base_code(n: int, s: int, seed: int = 0) -> LinearGradientCode:
+def base_code(n: int, s: int) -> LinearGradientCode:
     """The one-shot code a sequential scheme uses inside a round: fractional repetition when
-    ``s + 1`` divides ``n`` (0/1 weights, perfectly conditioned), cyclic repetition otherwise."""
+    ``s + 1`` divides ``n`` (0/1 weights, perfectly conditioned), cyclic repetition otherwise;
+    both give every worker exactly ``s + 1`` parts, which the schemes' loads assume."""
     if n % (s + 1) == 0:
         return FractionalRepetition(n, s)
-    return CyclicRepetition(n, s, seed=seed)
+    return CyclicRepetition(n, s)
 
 
 def coded_task(job: int, row: torch.Tensor, offset: int, kind: str = "coded") -> Task:
@@ -57,6 +58,8 @@ class RoundBasedCode:
         self._assigned: dict[int, list[list[Task]]] = {}
         self._received: dict[int, list[tuple[TaskKey, Task]]] = {}
         self._next_round = 0
+        self._peak_load = 0.0  # heaviest round assigned so far
+        self._steady_load: float | None = None
 
     # -- to be provided by a scheme -------------------------------------------------------
     @property
@@ -67,11 +70,11 @@ class RoundBasedCode:
     def part_fractions(self) -> tuple[float, ...]:
         raise NotImplementedError
 
-    @property
-    def load(self) -> float:
+    def _plan(self, round: int) -> list[list[Task]]:
         raise NotImplementedError
 
-    def _plan(self, round: int) -> list[list[Task]]:
+    def _fresh(self) -> RoundBasedCode:
+        """A new instance with the same (n, B, W, lambda) and no job limit (for :attr:`load`)."""
         raise NotImplementedError
 
     def _after_round(self, round: int, alive: set[int]) -> None:
@@ -91,9 +94,18 @@ class RoundBasedCode:
             raise ValueError(f"assign({round}) out of order: round {self._next_round} is next")
         tasks = self._plan(round)
         self._assigned[round] = tasks
+        self._peak_load = max(self._peak_load, self._tasks_load(tasks))
         return tasks
 
     def complete(self, round: int, alive: Sequence[int]) -> list[int]:
+        touched = self._record(round, alive)
+        new = [j for j in sorted(touched) if j not in self.decoded_at and self._try_decode(j)]
+        for j in new:
+            self.decoded_at[j] = round
+        return new
+
+    def _record(self, round: int, alive: Sequence[int]) -> set[int]:
+        """The bookkeeping half of :meth:`complete` (no decoding); returns the jobs touched."""
         if round != self._next_round or round not in self._assigned:
             raise ValueError(f"complete({round}) out of order: assign round {self._next_round} first")
         alive_set = set(int(w) for w in alive)
@@ -107,10 +119,7 @@ class RoundBasedCode:
         self._next_round += 1
         for old in [r for r in self._assigned if r < round]:  # planning never looks back further
             del self._assigned[old]
-        new = [j for j in sorted(touched) if j not in self.decoded_at and self._try_decode(j)]
-        for j in new:
-            self.decoded_at[j] = round
-        return new
+        return touched
 
     def conforms(self, round: int, stragglers: Sequence[int]) -> bool:
         if round != self._next_round:
@@ -134,10 +143,12 @@ class RoundBasedCode:
     # -- decoding -------------------------------------------------------------------------
     def _rows(self, job: int) -> tuple[list[TaskKey], torch.Tensor]:
         got = self._received.get(job, [])
+        at = [(r, p, c) for r, (_, task) in enumerate(got) for p, c in task.coeffs]
         rows = torch.zeros(len(got), self.n_parts, dtype=torch.float64)
-        for r, (_, task) in enumerate(got):
-            for p, c in task.coeffs:
-                rows[r, p] += c
+        if at:  # one scatter: a Python loop of tensor writes dominated long runs
+            r_idx, p_idx, vals = zip(*at, strict=True)
+            rows.index_put_((torch.tensor(r_idx), torch.tensor(p_idx)),
+                            torch.tensor(vals, dtype=torch.float64), accumulate=True)
         return [k for k, _ in got], rows
 
     def _try_decode(self, job: int) -> bool:
@@ -157,10 +168,31 @@ class RoundBasedCode:
         weights = solve_decoding(rows)
         return {k: float(w) for k, w in zip(keys, weights, strict=True) if abs(float(w)) > 0.0}
 
+    # -- computational load ---------------------------------------------------------------
+    def _tasks_load(self, tasks: list[list[Task]]) -> float:
+        frac = self.part_fractions
+        return max((sum(frac[p] for t in mine for p in t.parts) for mine in tasks), default=0.0)
+
     def round_load(self, round: int) -> float:
         """Largest fraction of one job's data that a worker processes in ``round``."""
-        frac = self.part_fractions
-        return max(sum(frac[p] for t in tasks for p in t.parts) for tasks in self.assign(round))
+        return self._tasks_load(self.assign(round))
+
+    @property
+    def load(self) -> float:
+        """Normalised computational load, measured on the task assignment (not the paper's
+        formula, which the tests compare it with): the largest fraction of one job's data that a
+        worker processes in one round, over the rounds assigned so far and over the rounds
+        ``0 .. T`` of a straggler-free run of the same scheme (round ``T`` is the first in which
+        every slot is busy), so it is defined before the first round and shows any round that a
+        straggler pattern made heavier."""
+        if self._steady_load is None:
+            probe = self._fresh()
+            everyone = list(range(self.n_workers))
+            for r in range(self.delay + 1):  # the plan needs no decoding: record only
+                probe.assign(r)
+                probe._record(r, everyone)
+            self._steady_load = probe._peak_load
+        return max(self._steady_load, self._peak_load)
 
 
 class SelectiveRepeatSGC(RoundBasedCode):
@@ -176,12 +208,12 @@ class SelectiveRepeatSGC(RoundBasedCode):
     """
 
     def __init__(self, n_workers: int, burst: int, window: int, lam: int,
-                 n_jobs: int | None = None, seed: int = 0) -> None:
+                 n_jobs: int | None = None) -> None:
         super().__init__(n_workers, burst, window, lam, delay=burst, n_jobs=n_jobs)
         if (window - 1) % burst:
             raise ValueError(f"sequential_gc needs W - 1 ({window - 1}) divisible by B ({burst})")
         self.s = math.ceil(burst * lam / (window - 1 + burst))
-        self.code = base_code(n_workers, self.s, seed)
+        self.code = base_code(n_workers, self.s)
         self._repeat: dict[int, dict[int, int]] = {}  # round -> worker -> job to repeat
         self._last_straggle: dict[int, int] = {}
 
@@ -193,9 +225,8 @@ class SelectiveRepeatSGC(RoundBasedCode):
     def part_fractions(self) -> tuple[float, ...]:
         return tuple([1.0 / self.n_parts] * self.n_parts)
 
-    @property
-    def load(self) -> float:
-        return self.code.load
+    def _fresh(self) -> SelectiveRepeatSGC:
+        return SelectiveRepeatSGC(self.n_workers, self.burst, self.window, self.lam)
 
     def _plan(self, round: int) -> list[list[Task]]:
         repeats = self._repeat.get(round, {})
