@@ -8,7 +8,7 @@ field is a hyperparameter of the method and goes to ``algorithms.merging.build``
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from algorithms._config import StrictModel
 
@@ -139,13 +139,43 @@ class PleasConfig(MergeBase):
 
 
 class AtlasConfig(MergeBase):
-    """Zhang et al. 2024 (aTLAS): one learned coefficient per task vector and parameter block."""
+    """Zhang et al. 2024 (aTLAS): learned coefficients on the task vectors, one per task vector and
+    parameter block (``blockwise``, the paper's anisotropic scaling) or one per task vector.
+
+    Defaults follow the authors' code (fredzzhang/atlas: zero start, AdamW, weight decay 0.1)
+    except the learning rate: theirs is 1e-3 with a cosine schedule over thousands of steps; with
+    the 100 constant-rate steps here 1e-3 would keep every coefficient within about 0.1 of its
+    start, so the default is 1e-2 (set ``lr: 0.001`` and more ``steps`` to match them)."""
 
     method: Literal["atlas"]
     steps: int = Field(default=100, ge=0, le=100_000)
-    lr: float = Field(default=1e-2, gt=0.0)
+    lr: float = Field(
+        default=1e-2,
+        gt=0.0,
+        description="AdamW learning rate of the coefficients (constant). The authors use 1e-3 with a "
+        "cosine schedule over thousands of steps; 1e-2 here so that the default 100 steps can move a "
+        "coefficient by about 1 (Adam moves it by about lr per step)",
+    )
+    weight_decay: float = Field(
+        default=0.1, ge=0.0, le=10.0, description="AdamW (decoupled) weight decay on the coefficients, as the authors"
+    )
     unlabelled: bool = Field(default=False, description="entropy minimisation instead of cross-entropy")
-    init: float | None = Field(default=None, description="initial coefficient; None = 1 / number of inputs")
+    init: Literal["zero", "mean"] | float = Field(
+        default="zero",
+        description="initial coefficients: 'zero' (the authors': the merge starts at the base), 'mean' "
+        "(1 / number of inputs: task arithmetic's mean of the task vectors) or a number; null is read "
+        "as 'mean', its former meaning",
+    )
+    blockwise: bool = Field(
+        default=True,
+        description="one coefficient per task vector and parameter tensor (the paper's aTLAS); false: "
+        "one per task vector (learned task arithmetic)",
+    )
+
+    @field_validator("init", mode="before")
+    @classmethod
+    def _null_init_is_mean(cls, value: object) -> object:
+        return "mean" if value is None else value  # specs written when null meant 1 / number of inputs
 
     def needs_base(self) -> bool:
         return True

@@ -155,6 +155,37 @@ def test_worker_merges_lora_runs_by_their_adapter_deltas(tmp_path: Path) -> None
         torch.testing.assert_close(merged[k], dense[0][k] + dense[1][k] - w0, atol=1e-5, rtol=1e-5, msg=k)
 
 
+def test_worker_fits_atlas_coefficients_on_the_tasks_loss(tmp_path: Path) -> None:
+    """aTLAS through the spec's options: from the default zero start and no steps the merge is the
+    shared base under the adapters; with steps the per-task coefficients are fitted on the task's
+    own loss (char LM batches are not (x, y) pairs: only the worker's ``loss_fn`` can train on them)
+    and the merged model's loss drops below the base's."""
+    from service.spec import ExperimentSpec
+    from workers.merge_job import eval_spec, load_model, run_merge
+    from workers.tasks import build_task
+
+    torch.set_num_threads(1)
+    folders = [_peft_run(tmp_path / "a", 0.05), _peft_run(tmp_path / "b", 0.02)]
+
+    def merge(**atlas: object) -> dict[str, float]:
+        spec = {"name": "m", "task": {"kind": "merge", "dataset": {"name": "char_corpus", "seq_len": 16}},
+                "merge": {"method": "atlas", "inputs": [str(f) for f in folders], "base": "adapters", **atlas}}
+        return run_merge(ExperimentSpec.model_validate(spec), run_id="m", mlflow_uri="", mlflow_run_id="")
+
+    start = merge(steps=0)
+    adapted, source = load_model(str(folders[0]))
+    base = adapted.unload()  # type: ignore[operator]
+    spec_eval = eval_spec(ExperimentSpec.model_validate({
+        "name": "m", "task": {"kind": "merge", "dataset": {"name": "char_corpus", "seq_len": 16}},
+        "merge": {"method": "atlas", "inputs": ["a", "b"], "base": "adapters"}}), source)  # fmt: skip
+    assert spec_eval.train is not None
+    base_loss = build_task(spec_eval).evaluate(base, torch.device("cpu"), spec_eval.train.eval_batches)["eval/loss"]
+    assert start["eval/loss"] == pytest.approx(base_loss, rel=1e-6)
+
+    fitted = merge(steps=30, lr=0.05, blockwise=False, data={"batches": 4, "batch_size": 8})
+    assert fitted["eval/loss"] < base_loss - 1e-3, (fitted["eval/loss"], base_loss)
+
+
 # ---- through the API, on Ray ------------------------------------------------------------------------
 
 
