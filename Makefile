@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 QUIET := 2>&1 | grep -v -e "^WARNING: Location" -e "^$$" || true
 
-.PHONY: setup demo up test test-unit lint bench-api clean
+.PHONY: setup demo up test test-unit lint bench-api wheel-check clean
 
 setup: $(VENV)/.installed
 
@@ -16,7 +16,9 @@ $(VENV)/.installed: pyproject.toml requirements/oracles.txt
 	$(PIP) install --upgrade pip $(QUIET)
 	# CPU torch from local disk first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) install torch==2.13.0 $(QUIET)
-	$(PIP) install -e ".[dev]" $(QUIET)
+	# Everything, editable: the core (control plane), the cluster extra (what Ray jobs run and what
+	# `orchestra up` starts) and the dev tools. `pip install .` alone is the torch-free core (README).
+	$(PIP) install -e ".[cluster,dev]" $(QUIET)
 	# Test oracles only, without their torchvision/torchaudio dependencies (see requirements/oracles.txt).
 	$(PIP) install --no-deps -r requirements/oracles.txt $(QUIET)
 	$(BIN)/python -c "import torch, ray, mlflow, deepspeed, fastapi; assert torch.__version__.startswith('2.13.0')"
@@ -40,6 +42,11 @@ lint: setup
 
 bench-api: setup
 	$(BIN)/python bench/api_load.py
+
+# The built wheel, core only, with its dependencies from the package index (network, minutes);
+# `make test` runs the same checks with the dependencies linked from .venv.
+wheel-check: setup
+	bash .ci/wheel-check
 
 clean:
 	rm -rf .orchestra .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,5 @@
-"""Engine, sessions and the migration check (Alembic, run from ``migrations/``)."""
+"""Engine, sessions and the migration check (Alembic, run from ``service/migrations/``, package data
+of the installed distribution)."""
 
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,7 +13,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
+# Beside this module in the source tree and in an installed wheel alike.
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
 class DatabaseNotMigrated(RuntimeError):
