@@ -1,10 +1,17 @@
-"""Errors as ``{"detail": [{"field", "message"}]}``, and the request-body size limit (413)."""
+"""Errors as ``{"detail": [{"field", "message"}]}``, and the request-body size limit (413).
+
+A database that does not answer (stopped, restarting, unreachable, its pool exhausted) is a 503
+with ``Retry-After``, never a 500 with a traceback: the request changed nothing, and the client
+may send it again (a submission with its ``Idempotency-Key``).
+"""
 
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.spec.parse import SpecError
@@ -24,9 +31,38 @@ def install_error_handlers(app: FastAPI) -> None:
         errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
         return JSONResponse(_body(errors), status_code=422)
 
+    @app.exception_handler(DBAPIError)
+    async def _database_error(request: Request, exc: DBAPIError) -> JSONResponse:
+        if not _unavailable(exc):
+            raise exc  # a real fault of ours: the server's 500
+        return _database_unavailable()
+
+    @app.exception_handler(DisconnectionError)
+    async def _database_gone(_: Request, exc: DisconnectionError) -> JSONResponse:
+        return _database_unavailable()
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool_exhausted(_: Request, exc: PoolTimeout) -> JSONResponse:
+        return _database_unavailable()
+
     @app.exception_handler(UnicodeDecodeError)
     async def _not_utf8(_: Request, exc: UnicodeDecodeError) -> JSONResponse:
         return JSONResponse(_body([{"field": "body", "message": f"not UTF-8: {exc.reason}"}]), 400)
+
+
+RETRY_AFTER_S = 5
+
+
+def _unavailable(exc: DBAPIError) -> bool:
+    """The database could not be reached or dropped the connection (not a bad statement)."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+
+
+def _database_unavailable() -> JSONResponse:
+    body = _body([{"field": "database", "message": "the database is unavailable; retry later"}])
+    return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 class BodySizeLimit:

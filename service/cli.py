@@ -53,7 +53,13 @@ APP_FACTORY = "api.main:create_app"
 def _serve(host: str, port: int) -> None:
     import uvicorn
 
-    uvicorn.run(APP_FACTORY, factory=True, host=host, port=port, log_level="warning", access_log=False)
+    from service.settings import get_settings
+
+    # SIGTERM (uvicorn's graceful shutdown): stop accepting, let requests in flight finish for at
+    # most shutdown_timeout_s, then stop the control loop (lifespan) and exit. Queued runs live in
+    # the database, so nothing is lost.
+    uvicorn.run(APP_FACTORY, factory=True, host=host, port=port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=int(max(1, get_settings().shutdown_timeout_s)))
 
 
 @app.command()

@@ -1,4 +1,8 @@
-"""The control loop: scheduler and reconciler ticking in a background thread of the API process."""
+"""The control loop: scheduler and reconciler ticking in a background thread of the API process.
+
+A tick that fails (the database restarting, say) is retried with a growing pause, up to
+``max_backoff_s``, and logged once per streak with its cause; the first good tick resets both.
+"""
 
 import logging
 import threading
@@ -10,25 +14,41 @@ log = logging.getLogger(__name__)
 
 
 class ControlLoop:
-    def __init__(self, scheduler: Scheduler, reconciler: Reconciler, interval_s: float) -> None:
+    def __init__(self, scheduler: Scheduler, reconciler: Reconciler, interval_s: float,
+                 max_backoff_s: float = 15.0) -> None:
         self.scheduler = scheduler
         self.reconciler = reconciler
         self.interval_s = interval_s
+        self.max_backoff_s = max(max_backoff_s, interval_s)
+        self.failures = 0  # consecutive ticks with a failed part
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def tick(self) -> None:
+    def tick(self) -> bool:
+        """One pass of both parts; False when either failed."""
+        ok = True
         for part in (self.reconciler, self.scheduler):
             try:
                 part.tick()
-            except Exception:
-                log.exception("%s tick failed", type(part).__name__)
+            except Exception as exc:
+                ok = False
+                if self.failures == 0:
+                    log.warning("%s tick failed (backing off until it succeeds): %s: %s",
+                                type(part).__name__, type(exc).__name__, str(exc)[:300])
+        if ok and self.failures:
+            log.info("control loop resumed after %d failed ticks", self.failures)
+        self.failures = 0 if ok else self.failures + 1
+        return ok
+
+    def pause_s(self) -> float:
+        """The wait before the next tick: the interval, doubled per failed tick up to the cap."""
+        return min(self.interval_s * 2 ** min(self.failures, 16), self.max_backoff_s)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self.tick()
-            self._wake.wait(self.interval_s)
+            self._wake.wait(self.pause_s())
             self._wake.clear()
 
     def wake(self) -> None:

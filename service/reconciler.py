@@ -1,7 +1,16 @@
 """The reconciler: Ray's view -> the database. The only writer of running / succeeded / failed /
-cancelled, and what makes a restarted control plane consistent (it simply looks again)."""
+cancelled, and what makes a restarted control plane consistent (it simply looks again).
+
+When the Ray cluster stops answering, the active runs' states are unknown. They keep their status
+for ``ray_lost_after_s`` (a head restart or a network blip comes back well within it); past that
+they fail with the reason, so no run stays ``running`` forever behind a head that never returns.
+Their jobs are remembered and stopped once a Ray head answers again (a head that kept its jobs
+would otherwise run them to the end for nobody).
+"""
 
 import logging
+import time
+from collections.abc import Callable, Sequence
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -31,10 +40,15 @@ def error_tail(message: str, logs: str, lines: int = ERROR_TAIL_LINES) -> str:
 
 
 class Reconciler:
-    def __init__(self, sessions: sessionmaker[Session], launcher: Launcher, tracker: Tracker) -> None:
+    def __init__(self, sessions: sessionmaker[Session], launcher: Launcher, tracker: Tracker, *,
+                 ray_lost_after_s: float = 120.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.sessions = sessions
         self.launcher = launcher
         self.tracker = tracker
+        self.ray_lost_after_s = ray_lost_after_s
+        self.clock = clock
+        self._ray_silent_since: float | None = None
+        self._orphans: set[str] = set()  # jobs of runs failed while Ray was away: stop when it answers
 
     def tick(self) -> int:
         """One pass over every dispatched or running run; returns how many changed status (0
@@ -45,7 +59,11 @@ class Reconciler:
     def _pass(self) -> int:
         changed = 0
         with self.sessions() as session:
-            for row in runs_repo.active_rows(session):
+            rows = runs_repo.active_rows(session)
+            if (rows or self._orphans) and not self._ray_answers():
+                return self._fail_if_lost(session, rows)
+            self._stop_orphans()
+            for row in rows:
                 try:
                     changed += self._reconcile(row)
                     session.commit()
@@ -53,6 +71,45 @@ class Reconciler:
                     session.rollback()
                     log.warning("reconcile of run %s deferred: %s", row.id, exc)
         return changed
+
+    def _ray_answers(self) -> bool:
+        try:
+            self.launcher.ping()
+        except Exception as exc:
+            if self._ray_silent_since is None:
+                log.warning("Ray does not answer (%s: %s); active runs fail after %.0f s of this",
+                            type(exc).__name__, str(exc)[:200], self.ray_lost_after_s)
+                self._ray_silent_since = self.clock()
+            return False
+        if self._ray_silent_since is not None:
+            log.info("Ray answers again after %.0f s", self.clock() - self._ray_silent_since)
+        self._ray_silent_since = None
+        return True
+
+    def _fail_if_lost(self, session: Session, rows: Sequence[RunRow]) -> int:
+        assert self._ray_silent_since is not None
+        silent = self.clock() - self._ray_silent_since
+        if silent < self.ray_lost_after_s:
+            return 0
+        for row in rows:
+            transition(row, RunStatus.FAILED, error=(
+                f"the Ray cluster did not answer for {silent:.0f} s (limit {self.ray_lost_after_s:.0f} s): "
+                "the run's state is unknown; its job is stopped if a Ray head answers again"))
+            if row.ray_submission_id:
+                self._orphans.add(row.ray_submission_id)
+            session.commit()
+            self._close_mlflow(row, "FAILED")
+            log.warning("run %s failed: Ray unreachable for %.0f s", row.id, silent)
+        return len(rows)
+
+    def _stop_orphans(self) -> None:
+        for sid in sorted(self._orphans):
+            try:
+                self.launcher.stop(sid)
+            except Exception as exc:
+                log.warning("could not stop job %s of a run failed while Ray was away: %s", sid, exc)
+                continue
+            self._orphans.discard(sid)
 
     def _reconcile(self, row: RunRow) -> int:
         sid = row.ray_submission_id

@@ -23,6 +23,12 @@ class Settings(BaseSettings):
     dispatch_retry_delay_s: float = Field(default=5.0, ge=0, description="delay before the second dispatch "
                                           "attempt of a refused run; doubled at each further attempt")
     readiness_timeout_s: float = Field(default=0.8, gt=0, le=5, description="each dependency check of /readyz")
+    ray_lost_after_s: float = Field(default=120.0, gt=0, description="active runs fail once the Ray cluster "
+                                    "has not answered for this long (their state is unknown)")
+    control_max_backoff_s: float = Field(default=15.0, gt=0, description="longest pause of the scheduler and "
+                                         "reconciler between failing ticks (a database or Ray outage)")
+    shutdown_timeout_s: float = Field(default=10.0, gt=0, le=600, description="on SIGTERM, how long requests "
+                                      "in flight may take to finish before the API exits")
     scheduler_interval_s: float = Field(default=1.0, gt=0)
     reconciler_interval_s: float = Field(default=1.0, gt=0)
     background: bool = Field(default=True, description="run scheduler + reconciler in the API process")

@@ -85,6 +85,7 @@ class ApiProcess:
     env: dict[str, str]
     port: int
     proc: subprocess.Popen | None = None  # type: ignore[type-arg]
+    ready_path: str = "/readyz"  # "/healthz" for an API whose Ray or MLflow is away on purpose
 
     def start(self) -> None:
         log = open(Path(self.env["ORCHESTRA_HOME"]) / f"api-{self.port}.log", "ab")
@@ -93,7 +94,7 @@ class ApiProcess:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{self.ready_path}", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

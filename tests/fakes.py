@@ -11,7 +11,7 @@ class MemoryLauncher:
     jobs: dict[str, JobState] = field(default_factory=dict)
     submits: int = 0
     stopped: list[str] = field(default_factory=list)
-    fail_submit: bool = False
+    fail_submit: bool = False  # Ray does not answer at all (every call raises ConnectionError)
     refuse: set[str] = field(default_factory=set)  # submission ids Ray refuses (while it answers)
 
     def submit(self, *, submission_id: str, entrypoint: str, env: dict[str, str],
@@ -27,9 +27,13 @@ class MemoryLauncher:
         return True
 
     def status(self, submission_id: str) -> JobState | None:
+        if self.fail_submit:
+            raise ConnectionError("ray down")
         return self.jobs.get(submission_id)
 
     def stop(self, submission_id: str) -> None:
+        if self.fail_submit:
+            raise ConnectionError("ray down")
         self.stopped.append(submission_id)
         if submission_id in self.jobs and self.jobs[submission_id].status in ("PENDING", "RUNNING"):
             self.jobs[submission_id] = JobState("STOPPED", "stopped by user")

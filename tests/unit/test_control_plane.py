@@ -216,3 +216,93 @@ def test_ray_down_charges_no_attempt(sessions) -> None:  # type: ignore[no-untyp
     with sessions() as s:
         row = runs_repo.get_run_row(s, run_id)
         assert row is not None and row.dispatch_attempts == 0 and row.status == "queued"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_runs_fail_when_ray_stays_away_and_their_jobs_stop_when_it_returns(sessions) -> None:  # type: ignore[no-untyped-def]
+    """Ray stops answering mid-run: the run keeps its status within the limit, fails with the
+    reason once past it (never 'running' forever), and its job is stopped when Ray answers."""
+    launcher = MemoryLauncher()
+    sched, _, _, tracker = parts(sessions, launcher)
+    clock = Clock()
+    rec = Reconciler(sessions, launcher, tracker, ray_lost_after_s=120.0, clock=clock)
+    run_id = submit(sessions)
+    sched.tick()
+    sid = f"orchestra-{run_id}"
+    launcher.jobs[sid] = JobState("RUNNING")
+    rec.tick()
+    assert status_of(sessions, run_id) == "running"
+    launcher.fail_submit = True  # the head is gone
+    for now in (0.0, 60.0, 119.0):
+        clock.now = 1000.0 + now
+        assert rec.tick() == 0
+        assert status_of(sessions, run_id) == "running"
+    clock.now = 1000.0 + 121.0
+    assert rec.tick() == 1
+    assert status_of(sessions, run_id) == "failed"
+    with sessions() as s:
+        row = runs_repo.get_run_row(s, run_id)
+        assert row is not None and "did not answer for 121 s" in (row.error or "")
+    assert tracker.closed[tracker.runs[run_id]] == "FAILED"
+    assert sid not in launcher.stopped
+    launcher.fail_submit = False  # a head answers again: the job is stopped
+    rec.tick()
+    assert launcher.stopped == [sid] and launcher.jobs[sid].status == "STOPPED"
+    assert status_of(sessions, run_id) == "failed"  # terminal: stopping its job changes nothing
+
+
+def test_a_short_ray_outage_fails_nothing(sessions) -> None:  # type: ignore[no-untyped-def]
+    launcher = MemoryLauncher()
+    sched, _, _, tracker = parts(sessions, launcher)
+    clock = Clock()
+    rec = Reconciler(sessions, launcher, tracker, ray_lost_after_s=120.0, clock=clock)
+    run_id = submit(sessions)
+    sched.tick()
+    launcher.jobs[f"orchestra-{run_id}"] = JobState("RUNNING")
+    launcher.fail_submit = True
+    rec.tick()
+    clock.now = 100.0
+    rec.tick()
+    launcher.fail_submit = False  # back within the limit: the silence is forgotten
+    rec.tick()
+    launcher.fail_submit = True
+    clock.now = 150.0  # 150 s after the first silence, but only 0 s into the second
+    rec.tick()
+    clock.now = 260.0
+    rec.tick()
+    assert status_of(sessions, run_id) == "running"
+    launcher.fail_submit = False
+    launcher.jobs[f"orchestra-{run_id}"] = JobState("SUCCEEDED")
+    rec.tick()
+    assert status_of(sessions, run_id) == "succeeded" and launcher.stopped == []
+
+
+def test_control_loop_backs_off_while_its_ticks_fail_and_resumes() -> None:
+    from service.control import ControlLoop
+
+    class Part:
+        fail = True
+        ticks = 0
+
+        def tick(self) -> int:
+            self.ticks += 1
+            if self.fail:
+                raise ConnectionError("database restarting")
+            return 0
+
+    part = Part()
+    loop = ControlLoop(part, part, interval_s=1.0, max_backoff_s=15.0)  # type: ignore[arg-type]
+    pauses = []
+    for _ in range(6):
+        assert loop.tick() is False
+        pauses.append(loop.pause_s())
+    assert pauses == [2.0, 4.0, 8.0, 15.0, 15.0, 15.0]
+    part.fail = False
+    assert loop.tick() is True and loop.pause_s() == 1.0
