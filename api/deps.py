@@ -6,9 +6,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Path, Request
+from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.errors import ApiError
 from service.control import ControlLoop
 from service.launcher import Launcher
 from service.readiness import Readiness
@@ -39,7 +41,7 @@ _ID = re.compile(r"[0-9a-f]{32}")
 
 def known_shape(kind: str, value: str) -> str:
     if not _ID.fullmatch(value):
-        raise HTTPException(404, f"no {kind} {value[:64]!r}")
+        raise ApiError(404, f"{kind}_id", f"no {kind} {value[:64]!r}")
     return value
 
 
@@ -63,20 +65,23 @@ def get_session(state: StateDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def require_token(request: Request, state: StateDep) -> None:
+_bearer = HTTPBearer(auto_error=False, description="one of ORCHESTRA_API_TOKENS (when set)")
+
+
+def require_token(state: StateDep,
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     tokens = state.settings.tokens
     if not tokens:
         return
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+    given = credentials.credentials if credentials is not None else ""
+    if not given:
+        raise ApiError(401, "authorization", "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
     # Compare against every token in constant time; never log the value.
     ok = False
     for token in tokens:
         ok |= hmac.compare_digest(given.encode(), token.encode())
     if not ok:
-        raise HTTPException(401, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(401, "authorization", "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
 AuthDep = Depends(require_token)

@@ -7,11 +7,12 @@ may send it again (a submission with its ``Idempotency-Key``).
 
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.spec.parse import SpecError
@@ -21,10 +22,25 @@ def _body(errors: list[dict[str, str]]) -> dict[str, Any]:
     return {"detail": errors}
 
 
+class ApiError(HTTPException):
+    """An error answered as ``{"detail": [{"field": field, "message": message}]}``, like every
+    other error of the API (one body shape, the one the OpenAPI document declares)."""
+
+    def __init__(self, status_code: int, field: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status_code, message, headers)
+        self.field = field
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SpecError)
     async def _spec_error(_: Request, exc: SpecError) -> JSONResponse:
         return JSONResponse(_body(exc.errors), status_code=exc.status_code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        field = getattr(exc, "field", "request")  # routing's own 404 / 405: the request itself
+        return JSONResponse(_body([{"field": field, "message": str(exc.detail)}]), status_code=exc.status_code,
+                            headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _request_error(_: Request, exc: RequestValidationError) -> JSONResponse:

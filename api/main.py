@@ -10,6 +10,7 @@ from sqlalchemy import text
 
 from api.deps import AppState
 from api.errors import BodySizeLimit, install_error_handlers
+from api.openapi import install_openapi
 from api.routes import experiments, runs, system
 from service.control import ControlLoop
 from service.db import engine_for, require_migrated, session_factory
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None, *, launcher: Launcher | None = 
                   description="Experiment orchestration for optimization research")
     app.state.orchestra = state
     install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     for module in (system, experiments, runs):
         app.include_router(module.router)

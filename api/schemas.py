@@ -1,11 +1,20 @@
 """Response schemas: what the API returns (never the database rows)."""
 
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel
 
 from service.domain import Experiment, Run
+
+
+def _utc(value: datetime) -> datetime:
+    """Times are stored in UTC; SQLite returns them without an offset, which RFC 3339's
+    date-time (the OpenAPI format) requires."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+Timestamp = Annotated[datetime, AfterValidator(_utc)]
 
 
 class RunPublic(BaseModel):
@@ -16,10 +25,10 @@ class RunPublic(BaseModel):
     ray_submission_id: str | None
     error: str | None
     cancel_requested: bool
-    created_at: datetime
-    dispatched_at: datetime | None
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: Timestamp
+    dispatched_at: Timestamp | None
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
 
     @classmethod
     def of(cls, run: Run) -> "RunPublic":
@@ -31,7 +40,7 @@ class ExperimentPublic(BaseModel):
     name: str
     status: str
     priority: int
-    created_at: datetime
+    created_at: Timestamp
     spec: dict[str, Any]
     runs: list[RunPublic]
 
@@ -65,3 +74,9 @@ class FieldError(BaseModel):
 
 class ErrorBody(BaseModel):
     detail: list[FieldError]
+
+
+class ReadinessBody(BaseModel):
+    status: str  # "ready" | "not ready"
+    checks: dict[str, str]  # dependency -> "ok" | "unavailable"
+    unavailable: list[str]

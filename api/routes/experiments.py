@@ -3,28 +3,25 @@
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import AuthDep, ExperimentId, SessionDep, StateDep, known_shape
-from api.schemas import ErrorBody, ExperimentPage, ExperimentPublic
+from api.errors import ApiError
+from api.openapi import errors, spec_request_body
+from api.schemas import ExperimentPage, ExperimentPublic
 from service.domain import Experiment
 from service.repo import experiments as exp_repo
 from service.repo import runs as runs_repo
 from service.spec import ExperimentSpec
 from service.spec.parse import SpecError, load_document, validate_document
 
-router = APIRouter(prefix="/v1/experiments", tags=["experiments"], dependencies=[AuthDep])
-
-_ERRORS: dict[int | str, dict[str, object]] = {
-    400: {"model": ErrorBody}, 413: {"model": ErrorBody}, 422: {"model": ErrorBody},
-}
+router = APIRouter(prefix="/v1/experiments", tags=["experiments"], dependencies=[AuthDep],
+                   responses=errors(401, 422, 503))
 
 
-@router.post("", status_code=201, response_model=ExperimentPublic, responses=_ERRORS,
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": {"type": "object"}},
-                 "application/yaml": {"schema": {"type": "string"}}}}})
+@router.post("", status_code=201, response_model=ExperimentPublic, responses=errors(400, 409, 413),
+             openapi_extra={"requestBody": spec_request_body()})
 async def submit_experiment(
     request: Request, response: Response, state: StateDep, session: SessionDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
@@ -51,8 +48,8 @@ async def submit_experiment(
         return exp, created
 
     exp, created = await run_in_threadpool(store)
-    if not created and exp.spec != raw:
-        raise HTTPException(409, "Idempotency-Key was already used with a different spec")
+    if not created and exp.resolved_spec != spec.resolved():  # the same spec, however it was written
+        raise ApiError(409, "Idempotency-Key", "already used with a different spec")
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     elif state.control is not None:
@@ -60,7 +57,7 @@ async def submit_experiment(
     return ExperimentPublic.of(exp)
 
 
-@router.get("", response_model=ExperimentPage)
+@router.get("", response_model=ExperimentPage, responses=errors(400))
 def list_experiments(
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -72,24 +69,24 @@ def list_experiments(
         if after is not None:
             known_shape("experiment", after)
         items, nxt = exp_repo.list_experiments(session, limit=limit, after=after)
-    except (KeyError, HTTPException):
-        raise HTTPException(400, f"cursor: no experiment {after!r}") from None
+    except (KeyError, ApiError):
+        raise ApiError(400, "cursor", f"no experiment {after!r}") from None
     return ExperimentPage(items=[ExperimentPublic.of(e) for e in items], next=nxt)
 
 
-@router.get("/{experiment_id}", response_model=ExperimentPublic)
+@router.get("/{experiment_id}", response_model=ExperimentPublic, responses=errors(404))
 def get_experiment(experiment_id: ExperimentId, session: SessionDep) -> ExperimentPublic:
     exp = exp_repo.get_experiment(session, experiment_id)
     if exp is None:
-        raise HTTPException(404, f"no experiment {experiment_id!r}")
+        raise ApiError(404, "experiment_id", f"no experiment {experiment_id!r}")
     return ExperimentPublic.of(exp)
 
 
-@router.post("/{experiment_id}/cancel", status_code=202, response_model=ExperimentPublic)
+@router.post("/{experiment_id}/cancel", status_code=202, response_model=ExperimentPublic, responses=errors(404))
 def cancel_experiment(experiment_id: ExperimentId, state: StateDep, session: SessionDep) -> ExperimentPublic:
     """Ask for every unfinished run to stop; the reconciler stops the Ray jobs and records it."""
     if exp_repo.get_experiment(session, experiment_id) is None:
-        raise HTTPException(404, f"no experiment {experiment_id!r}")
+        raise ApiError(404, "experiment_id", f"no experiment {experiment_id!r}")
     runs_repo.request_cancel(session, experiment_id)
     session.commit()
     if state.control is not None:

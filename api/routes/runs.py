@@ -1,21 +1,25 @@
 """/v1/runs: a run and the tail of its Ray job's logs."""
 
+import logging
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Query
 
 from api.deps import AuthDep, RunId, SessionDep, StateDep
+from api.errors import ApiError
+from api.openapi import errors
 from api.schemas import RunLogs, RunPublic
 from service.repo import runs as runs_repo
 
-router = APIRouter(prefix="/v1/runs", tags=["runs"], dependencies=[AuthDep])
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/runs", tags=["runs"], dependencies=[AuthDep], responses=errors(401, 404, 422, 503))
 
 
 @router.get("/{run_id}", response_model=RunPublic)
 def get_run(run_id: RunId, session: SessionDep) -> RunPublic:
     run = runs_repo.get_run(session, run_id)
     if run is None:
-        raise HTTPException(404, f"no run {run_id!r}")
+        raise ApiError(404, "run_id", f"no run {run_id!r}")
     return RunPublic.of(run)
 
 
@@ -26,12 +30,14 @@ def get_run_logs(
 ) -> RunLogs:
     run = runs_repo.get_run(session, run_id)
     if run is None:
-        raise HTTPException(404, f"no run {run_id!r}")
+        raise ApiError(404, "run_id", f"no run {run_id!r}")
     text = ""
     if run.ray_submission_id:
         try:
             text = state.launcher.logs(run.ray_submission_id)
         except Exception as exc:
-            raise HTTPException(503, f"ray: could not read the job's logs: {exc}") from None
+            log.warning("logs of %s: %s: %s", run.ray_submission_id, type(exc).__name__, str(exc)[:300])
+            raise ApiError(503, "ray", "could not read the job's logs from Ray; retry later",
+                           headers={"Retry-After": "5"}) from None
     lines = text.splitlines()[-tail:]
     return RunLogs(run_id=run.id, status=run.status, logs="\n".join(lines))

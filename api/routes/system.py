@@ -6,7 +6,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from api.deps import AuthDep, StateDep
-from api.schemas import Info
+from api.openapi import errors
+from api.schemas import Info, ReadinessBody
 
 router = APIRouter(tags=["system"])
 
@@ -24,7 +25,8 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "a dependency does not answer"}})
+@router.get("/readyz", response_model=ReadinessBody,
+            responses={503: {"model": ReadinessBody, "description": "a dependency does not answer"}})
 async def readyz(state: StateDep) -> JSONResponse:
     """200 when the database, Ray and MLflow all answer; 503 naming those that do not. Answers
     within about a second whatever is down, and never runs a check in the request thread pool."""
@@ -34,7 +36,7 @@ async def readyz(state: StateDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if not down else 503)
 
 
-@router.get("/v1/info", response_model=Info, dependencies=[AuthDep])
+@router.get("/v1/info", response_model=Info, dependencies=[AuthDep], responses=errors(401))
 def info(state: StateDep) -> Info:
     return Info(
         mlflow_tracking_uri=state.settings.mlflow_tracking_uri,

@@ -178,3 +178,51 @@ def test_openapi_is_served(client: TestClient) -> None:
                  "/v1/runs/{run_id}", "/v1/runs/{run_id}/logs", "/v1/info", "/healthz", "/readyz"):
         assert path in paths
     assert client.get("/docs").status_code == 200
+
+
+def test_openapi_declares_the_spec_errors_and_bearer(client: TestClient) -> None:
+    """The submission body is the spec's schema (JSON and YAML), every error status carries the
+    one error body the API answers, and the bearer scheme is declared."""
+    doc = client.get("/openapi.json").json()
+    post = doc["paths"]["/v1/experiments"]["post"]
+    content = post["requestBody"]["content"]
+    assert content["application/json"]["schema"] == {"$ref": "#/components/schemas/ExperimentSpec"}
+    assert content["application/yaml"]["schema"]["type"] == "string"
+    spec = doc["components"]["schemas"]["ExperimentSpec"]
+    assert {"name", "task"} <= set(spec["required"]) and "optimizer" in spec["properties"]
+    assert "AdamWConfig" in doc["components"]["schemas"]  # the optimizer union's members are there
+    assert set(post["responses"]) >= {"201", "400", "401", "409", "413", "422", "503"}
+    error = {"$ref": "#/components/schemas/ErrorBody"}
+    for path, ops in doc["paths"].items():
+        for op in ops.values():
+            for code, response in op["responses"].items():
+                if code.startswith(("4", "5")) and path != "/readyz":
+                    assert response["content"]["application/json"]["schema"] == error, (path, code)
+    assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+
+
+def test_every_error_has_the_declared_body(tmp_path: Path) -> None:
+    client = make_client(f"sqlite:///{tmp_path / 'a.db'}", tokens="t1")
+    auth = {"Authorization": "Bearer t1"}
+    for response, field in [(client.get("/v1/experiments"), "authorization"),
+                            (client.get("/v1/experiments/" + "0" * 32, headers=auth), "experiment_id"),
+                            (client.get("/v1/runs/nope", headers=auth), "run_id"),
+                            (client.get("/v1/experiments", params={"cursor": "f" * 32}, headers=auth), "cursor"),
+                            (client.get("/nowhere", headers=auth), "request")]:
+        assert response.status_code in (400, 401, 404), response.text
+        assert response.json() == {"detail": [{"field": field, "message": response.json()["detail"][0]["message"]}]}
+
+
+def test_idempotency_compares_the_resolved_spec(client: TestClient) -> None:
+    """The same spec resent with a default written out is the same submission, not a 409."""
+    first = client.post("/v1/experiments", content=QUICKSTART, headers={"Content-Type": "application/yaml",
+                                                                         "Idempotency-Key": "k1"})
+    doc = yaml.safe_load(QUICKSTART)
+    doc["priority"] = 0  # the default, now written out
+    again = client.post("/v1/experiments", json=doc, headers={"Idempotency-Key": "k1"})
+    assert again.status_code == 201 and again.json()["id"] == first.json()["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    doc["priority"] = 5
+    other = client.post("/v1/experiments", json=doc, headers={"Idempotency-Key": "k1"})
+    assert other.status_code == 409 and other.json()["detail"][0]["field"] == "Idempotency-Key"
