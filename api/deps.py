@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.errors import ApiError
+from service.bundles import BundleStore
 from service.control import ControlLoop
 from service.launcher import Launcher
 from service.readiness import Readiness
@@ -26,6 +27,7 @@ class AppState:
     tracker: Tracker
     control: ControlLoop | None
     readiness: Readiness
+    bundles: BundleStore
 
 
 def get_state(request: Request) -> AppState:

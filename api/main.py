@@ -11,7 +11,8 @@ from sqlalchemy import text
 from api.deps import AppState
 from api.errors import BodySizeLimit, install_error_handlers
 from api.openapi import install_openapi
-from api.routes import experiments, runs, system
+from api.routes import bundles, experiments, runs, system
+from service.bundles import BundleStore
 from service.control import ControlLoop
 from service.db import engine_for, require_migrated, session_factory
 from service.launcher import Launcher, RayJobLauncher
@@ -29,6 +30,7 @@ def build_state(settings: Settings, launcher: Launcher | None = None, tracker: T
     sessions = session_factory(engine)
     launcher = launcher or RayJobLauncher(settings.ray_address)
     tracker = tracker or Tracker(settings.mlflow_tracking_uri, settings.mlflow_experiment_prefix)
+    store = BundleStore(settings.resolved_bundle_store, settings.max_bundle_bytes)
     control = None
     if settings.background:
         control = ControlLoop(
@@ -46,7 +48,7 @@ def build_state(settings: Settings, launcher: Launcher | None = None, tracker: T
     readiness = Readiness({"database": database, "ray": launcher.ping, "mlflow": tracker.ping},
                           timeout_s=settings.readiness_timeout_s)
     return AppState(settings=settings, sessions=sessions, launcher=launcher, tracker=tracker, control=control,
-                    readiness=readiness)
+                    readiness=readiness, bundles=store)
 
 
 def create_app(settings: Settings | None = None, *, launcher: Launcher | None = None,
@@ -74,8 +76,9 @@ def create_app(settings: Settings | None = None, *, launcher: Launcher | None = 
     app.state.orchestra = state
     install_error_handlers(app)
     install_openapi(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    for module in (system, experiments, runs):
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
+                       larger={"/v1/bundles": settings.max_bundle_bytes})
+    for module in (system, experiments, runs, bundles):
         app.include_router(module.router)
     logging.getLogger("service").setLevel(logging.INFO)
     return app

@@ -80,3 +80,9 @@ class ReadinessBody(BaseModel):
     status: str  # "ready" | "not ready"
     checks: dict[str, str]  # dependency -> "ok" | "unavailable"
     unavailable: list[str]
+
+
+class BundlePublic(BaseModel):
+    hash: str  # SHA-256 of the zip: the spec's code.bundle
+    size: int
+    files: int

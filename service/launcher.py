@@ -25,7 +25,8 @@ class JobState:
 
 class Launcher(Protocol):
     def submit(self, *, submission_id: str, entrypoint: str, env: dict[str, str],
-               num_cpus: float = 0, num_gpus: float = 0) -> bool: ...
+               num_cpus: float = 0, num_gpus: float = 0, working_dir: str | None = None,
+               pip: list[str] | None = None) -> bool: ...
     def status(self, submission_id: str) -> JobState | None: ...
     def stop(self, submission_id: str) -> None: ...
     def logs(self, submission_id: str) -> str: ...
@@ -75,11 +76,20 @@ class RayJobLauncher:
             raise
 
     def submit(self, *, submission_id: str, entrypoint: str, env: dict[str, str],
-               num_cpus: float = 0, num_gpus: float = 0) -> bool:
-        """Submit; returns False when a job with this id already exists (a retried dispatch)."""
+               num_cpus: float = 0, num_gpus: float = 0, working_dir: str | None = None,
+               pip: list[str] | None = None) -> bool:
+        """Submit; returns False when a job with this id already exists (a retried dispatch).
+        ``working_dir`` (a code bundle's zip) is uploaded by Ray's client and unpacked as the job's
+        working directory, on the driver and on every worker; ``pip`` installs requirements into
+        the job's runtime environment (the cluster needs a reachable package index)."""
+        runtime_env: dict[str, Any] = {"env_vars": env}
+        if working_dir is not None:
+            runtime_env["working_dir"] = working_dir
+        if pip:
+            runtime_env["pip"] = list(pip)
         try:
             self._call("submit_job", entrypoint=entrypoint, submission_id=submission_id,
-                       runtime_env={"env_vars": env}, entrypoint_num_cpus=num_cpus,
+                       runtime_env=runtime_env, entrypoint_num_cpus=num_cpus,
                        entrypoint_num_gpus=num_gpus, metadata={"orchestra": "1"})
             return True
         except RuntimeError as exc:

@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     background: bool = Field(default=True, description="run scheduler + reconciler in the API process")
     storage_path: str = Field(default="", description="Ray Train checkpoints; home/ray_results when empty "
                               "(a shared filesystem or bucket URI on a multi-node cluster)")
+    bundle_store: str = Field(default="", description="folder of uploaded code bundles; home/bundles when "
+                              "empty (a folder every API replica shares, in production)")
+    max_bundle_bytes: int = Field(default=50 * 2**20, ge=1024, description="largest code bundle, packed and "
+                                  "unpacked")
     job_python: str = Field(default="", description="python used by Ray jobs; this interpreter when empty")
 
     @computed_field  # type: ignore[prop-decorator]
@@ -46,6 +50,10 @@ class Settings(BaseSettings):
     @property
     def resolved_storage_path(self) -> str:
         return self.storage_path or str(self.home / "ray_results")
+
+    @property
+    def resolved_bundle_store(self) -> Path:
+        return Path(self.bundle_store) if self.bundle_store else self.home / "bundles"
 
     @property
     def tokens(self) -> list[str]:

@@ -13,10 +13,14 @@ class MemoryLauncher:
     stopped: list[str] = field(default_factory=list)
     fail_submit: bool = False  # Ray does not answer at all (every call raises ConnectionError)
     refuse: set[str] = field(default_factory=set)  # submission ids Ray refuses (while it answers)
+    calls: dict[str, dict] = field(default_factory=dict)  # type: ignore[type-arg]  # the last submit's arguments
 
     def submit(self, *, submission_id: str, entrypoint: str, env: dict[str, str],
-               num_cpus: float = 0, num_gpus: float = 0) -> bool:
+               num_cpus: float = 0, num_gpus: float = 0, working_dir: str | None = None,
+               pip: list[str] | None = None) -> bool:
         self.submits += 1
+        self.calls[submission_id] = {"entrypoint": entrypoint, "env": env, "num_cpus": num_cpus,
+                                     "num_gpus": num_gpus, "working_dir": working_dir, "pip": pip}
         if self.fail_submit:
             raise ConnectionError("ray down")
         if submission_id in self.refuse:
