@@ -1,14 +1,14 @@
 """The Ray job's entrypoint: ``python -m workers.entrypoint RUN_ID``.
 
-Loads the spec the control plane resolved from the run's MLflow run (validated once here), runs
-it, closes the MLflow run.
+Reads the worker settings from the environment, loads the spec the control plane resolved from
+the run's MLflow run (validated once, here: everything below gets the typed spec), runs it, closes
+the MLflow run.
 """
 
 import json
-import os
+import logging
 import sys
 import tempfile
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,9 @@ from mlflow.tracking import MlflowClient
 
 from service.spec import SPEC_ARTIFACT, ExperimentSpec
 from workers.mlflow_log import RunLogger
+from workers.settings import WorkerSettings, settings, setup_logging
+
+log = logging.getLogger(__name__)
 
 
 def load_spec(mlflow_uri: str, mlflow_run_id: str) -> ExperimentSpec:
@@ -24,40 +27,43 @@ def load_spec(mlflow_uri: str, mlflow_run_id: str) -> ExperimentSpec:
         return ExperimentSpec.model_validate(json.loads(Path(path).read_text()))
 
 
+def run(spec: ExperimentSpec, run_id: str, env: WorkerSettings) -> None:
+    """The spec's job: a merge, a sweep, a parameter-server run or a Ray Train run."""
+    kwargs: dict[str, Any] = {"run_id": run_id, "mlflow_uri": env.mlflow_uri, "mlflow_run_id": env.mlflow_run_id}
+    if spec.task.kind == "merge":
+        from workers.merge_job import run_merge
+
+        run_merge(spec, **kwargs)
+    elif spec.sweep is not None:
+        from workers.sweep import run_sweep
+
+        run_sweep(spec, storage_path=env.storage_path, **kwargs)
+    elif spec.distributed.strategy == "parameter_server":
+        from workers.parameter_server import run_parameter_server
+
+        run_parameter_server(spec, **kwargs)
+    else:
+        from workers.launch_train import run_trainer
+
+        run_trainer(spec, storage_path=env.storage_path, **kwargs)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m workers.entrypoint RUN_ID", file=sys.stderr)
         return 2
-    run_id = argv[1]
-    mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    mlflow_run_id = os.environ.get("ORCHESTRA_MLFLOW_RUN_ID", "")
-    spec = load_spec(mlflow_uri, mlflow_run_id)
-    storage = os.environ.get("ORCHESTRA_STORAGE_PATH") or os.path.expanduser("~/.orchestra/ray_results")
-    logger = RunLogger(mlflow_uri, mlflow_run_id)
-    kwargs: dict[str, Any] = {"run_id": run_id, "mlflow_uri": mlflow_uri, "mlflow_run_id": mlflow_run_id}
+    setup_logging()
+    run_id, env = argv[1], settings()
+    spec = load_spec(env.mlflow_uri, env.mlflow_run_id)
+    logger = RunLogger(env.mlflow_uri, env.mlflow_run_id)
     try:
-        if spec.task.kind == "merge":
-            from workers.merge_job import run_merge
-
-            run_merge(spec, **kwargs)
-        elif spec.sweep is not None:
-            from workers.sweep import run_sweep
-
-            run_sweep(spec, storage_path=storage, **kwargs)
-        elif spec.distributed.strategy == "parameter_server":
-            from workers.parameter_server import run_parameter_server
-
-            run_parameter_server(spec, **kwargs)
-        else:
-            from workers.launch_train import run_trainer
-
-            run_trainer(spec, storage_path=storage, **kwargs)
+        run(spec, run_id, env)
     except BaseException:
-        traceback.print_exc()
+        log.exception("run %s failed", run_id)
         logger.finish("FAILED")
         return 1
     logger.finish("FINISHED")
-    print(f"[orchestra] run {run_id} finished; MLflow run {mlflow_run_id}", flush=True)
+    log.info("run %s finished; MLflow run %s", run_id, env.mlflow_run_id)
     return 0
 
 

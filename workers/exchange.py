@@ -3,8 +3,9 @@ every worker's gradient, with the simulated Byzantine workers' rows replaced by 
 
 Plain ``mean`` without attacks needs none of this: DDP's (or DeepSpeed's) all-reduce does it.
 
-Two layouts, chosen by ``distributed.exchange`` (:func:`build_exchange`; ``auto``, the default,
-takes the first under ddp and the second under deepspeed, either may be named under both):
+Two layouts, chosen by ``distributed.exchange`` (``workers.plan.RunPlan.exchange``, which also
+decides whether an exchange runs at all; ``auto``, the default, takes the first under ddp and the
+second under deepspeed, either may be named under both):
 
 * ``gather`` -> :class:`GatherExchange`: the flattened gradient is all-gathered in buckets of
   ``bucket_elems`` coordinates (memory ``world x bucket``, not ``world x d``); every rank applies
@@ -40,14 +41,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from service.spec import ExperimentSpec
-from workers.faults import attack_generator, chosen_ranks
+from workers.plan import ExchangeLayout
+from workers.robust import Liars, build_rule
 
 Exchange = Callable[[nn.Module, int], dict[str, float]]
 
@@ -86,35 +87,18 @@ def _sync(t: Tensor) -> None:
 
 
 class _RobustExchange:
-    """What both layouts share: the rule, the liars, the attack."""
+    """What both layouts share: the rule and the liars (``workers.robust``)."""
 
     def __init__(self, spec: ExperimentSpec, rank: int, world: int) -> None:
-        from algorithms.aggregation.config import MeanConfig
-        from algorithms.aggregation.registry import build_from_config
-
-        agg_cfg = spec.distributed.aggregator or MeanConfig(name="mean")
-        self.rule = build_from_config(agg_cfg)
+        self.rule = build_rule(spec)
         self.rule.check(world)
         self.world, self.rank = world, rank
-        self.byz_spec = spec.faults.byzantine
-        self.byzantine = chosen_ranks(self.byz_spec, world)
-        self.honest = [r for r in range(world) if r not in self.byzantine]
-        self.attack: Any = None
-        if self.byz_spec is not None and self.byz_spec.attack.name != "label_flip" and self.byzantine:
-            from algorithms.aggregation.attacks import build_attack_from_config
-
-            self.attack = build_attack_from_config(self.byz_spec.attack)
+        self.liars = Liars(spec, world)
+        self.byzantine = self.liars.ranks  # label_flip's too: their share of the aggregate is measured
 
     def _attacked(self, rows: Tensor, step: int, offset: int) -> Tensor:
         """``rows[world, b]`` (coordinates ``offset ...``) as float32, the liars' rows replaced."""
-        rows = rows.float()
-        if self.attack is not None:
-            gen = attack_generator(self.byz_spec, step)
-            if offset:
-                base = int(torch.randint(0, 2**62, (1,), generator=gen))
-                gen.manual_seed((base ^ (offset * 0x9E3779B1)) & (2**63 - 1))
-            rows[self.byzantine] = self.attack(rows[self.honest], len(self.byzantine), gen).to(rows.dtype)
-        return rows
+        return self.liars.replace(rows.float(), self.byzantine, step, offset)
 
     def _metrics(self, rule_s: float, comm_s: float, mass: Tensor | None) -> dict[str, float]:
         out = {"exchange/rule_ms": rule_s * 1000.0, "exchange/comm_ms": comm_s * 1000.0}
@@ -256,14 +240,8 @@ class ShardExchange(_RobustExchange):
         return self._metrics(rule_s, comm_s, mass)
 
 
-def build_exchange(spec: ExperimentSpec, *, rank: int, world: int) -> Exchange | None:
-    """The exchange for the spec's strategy, or ``None`` when the plain mean all-reduce does."""
-    agg = spec.distributed.aggregator
-    byz = spec.faults.byzantine
-    gradient_attack = byz is not None and byz.n > 0 and byz.attack.name != "label_flip"
-    if (agg is None or agg.name == "mean") and not gradient_attack:
+def build_exchange(spec: ExperimentSpec, layout: ExchangeLayout | None, *, rank: int, world: int) -> Exchange | None:
+    """The exchange of ``layout`` (``RunPlan.exchange``, which decides whether one runs), or ``None``."""
+    if layout is None:
         return None
-    layout = spec.distributed.exchange
-    if layout == "auto":
-        layout = "shard" if spec.distributed.strategy == "deepspeed" else "gather"
     return ShardExchange(spec, rank, world) if layout == "shard" else GatherExchange(spec, rank, world)

@@ -1,5 +1,6 @@
 """Fault injection from the spec's ``faults`` section, seeded so that every rank agrees on it."""
 
+import logging
 import os
 import random
 import time
@@ -7,6 +8,8 @@ import time
 import torch
 
 from service.spec.faults import ByzantineSpec, DelaySpec, FaultsSpec, StragglerSpec
+
+log = logging.getLogger(__name__)
 
 
 def chosen_ranks(section: ByzantineSpec | StragglerSpec | None, n: int) -> list[int]:
@@ -50,11 +53,12 @@ def maybe_kill(faults: FaultsSpec, *, rank: int, step: int, restored: bool) -> N
     """Kill this worker process at ``faults.kill.step`` on the first attempt (not after a restore)."""
     kill = faults.kill
     if kill is not None and not restored and rank == kill.rank and step == kill.step:
-        # Ray Train's controller collects reported checkpoints when it polls the workers (every
-        # 2 s by default): a crash that lands within the same poll as the last checkpoint would
-        # lose it. Wait out two polls so that the fault models "crash after the last checkpoint".
-        time.sleep(float(os.environ.get("ORCHESTRA_KILL_GRACE_S", "5")))
-        print(f"[orchestra] fault injection: killing rank {rank} at step {step}", flush=True)
+        from workers.settings import settings
+
+        # Ray Train's controller collects reported checkpoints when it polls the workers: a crash
+        # within the same poll as the last checkpoint would lose it (see WorkerSettings.kill_grace_s).
+        time.sleep(settings().kill_grace_s)
+        log.warning("fault injection: killing rank %d at step %d", rank, step)
         os._exit(17)
 
 

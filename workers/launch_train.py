@@ -3,22 +3,22 @@
 from typing import Any
 
 from service.spec import ExperimentSpec
+from workers.plan import RunPlan
 
 
 def scaling_config(spec: ExperimentSpec) -> Any:
     from ray.train import ScalingConfig
 
     dist = spec.distributed
-    resources = dict(dist.resources_per_worker or {})
-    if not resources:
-        resources = {"CPU": 1.0, **({"GPU": 1.0} if dist.use_gpu else {})}
-    return ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu, resources_per_worker=resources)
+    return ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu,
+                         resources_per_worker=RunPlan.from_spec(spec).resources_per_worker)
 
 
 def run_trainer(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_id: str,
                 storage_path: str, log_spec: bool = True, callbacks: list[Any] | None = None,
                 report_eval: bool = False) -> dict[str, Any]:
-    """Train; ``report_eval`` also reports each evaluation to Ray (for a sweep's Tune scheduler)."""
+    """Train; ``report_eval`` also reports each evaluation to Ray (for a sweep's Tune scheduler).
+    The workers get the typed spec (it pickles): validated once, by whoever parsed it."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -27,7 +27,7 @@ def run_trainer(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_ru
     dist = spec.distributed
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"spec": spec.resolved(), "mlflow_uri": mlflow_uri, "mlflow_run_id": mlflow_run_id,
+        train_loop_config={"spec": spec, "mlflow_uri": mlflow_uri, "mlflow_run_id": mlflow_run_id,
                            "log_spec": log_spec, "report_eval": report_eval},
         torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
         scaling_config=scaling_config(spec),

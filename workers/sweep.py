@@ -14,6 +14,8 @@ from typing import Any
 from service.spec import ExperimentSpec
 from service.spec.sweep import SweepSpec
 from workers.mlflow_log import RunLogger
+from workers.plan import RunPlan
+from workers.settings import settings
 
 
 def set_path(doc: dict[str, Any], path: str, value: Any) -> None:
@@ -45,6 +47,8 @@ def search_space(sweep: SweepSpec) -> dict[str, Any]:
 
 
 def trial_spec(base: dict[str, Any], values: dict[str, Any]) -> ExperimentSpec:
+    """The trial's spec: a new document (the sampled values set), so validated once, here; the
+    trial's workers get it typed."""
     doc = copy.deepcopy(base)
     doc.pop("sweep", None)
     for path, value in values.items():
@@ -58,7 +62,7 @@ def concurrent_trials(spec: ExperimentSpec, cluster_cpus: float, cluster_gpus: f
     assert sweep is not None
     if sweep.max_concurrent_trials:
         return sweep.max_concurrent_trials
-    per_worker = dist.resources_per_worker or {"CPU": 1.0, **({"GPU": 1.0} if dist.use_gpu else {})}
+    per_worker = RunPlan.from_spec(spec).resources_per_worker
     fits = [math.floor(cluster_cpus / max(per_worker.get("CPU", 1.0) * dist.num_workers + 0.5, 1e-9))]
     if dist.use_gpu:
         fits.append(math.floor(cluster_gpus / max(per_worker.get("GPU", 1.0) * dist.num_workers, 1e-9)))
@@ -108,13 +112,13 @@ def run_sweep(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_
     scheduler: Any = FIFOScheduler()
     if sweep.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="step", max_t=spec.train.max_steps,
-                                  grace_period=max(1, spec.train.eval_every or spec.train.max_steps))
+                                  grace_period=max(1, RunPlan.from_spec(spec).cadence.eval_every))
     # Checkpoint reports carry the training loss but not the sweep's eval metric: Tune must accept
     # results without it (the schedulers skip such results).
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     resources = ray.cluster_resources() if ray.is_initialized() else {}
     if not resources:
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), ignore_reinit_error=True)
+        ray.init(address=settings().ray_address, ignore_reinit_error=True)
         resources = ray.cluster_resources()
     tuner = tune.Tuner(
         trial,

@@ -88,7 +88,8 @@ def test_zero_stages_match_ddp(ray_on_stack, tmp_path: Path) -> None:  # type: i
 
     mlflow = MlflowClient(ray_on_stack.mlflow_uri)
     run_ids = {name: new_run(mlflow, name) for name, *_ in RUNS}
-    runs = [{"spec": tiny_spec(f"ds-{name}", strategy, stage, **changes), "mlflow_run_id": run_ids[name]}
+    runs = [{"spec": ExperimentSpec.model_validate(tiny_spec(f"ds-{name}", strategy, stage, **changes)),
+             "mlflow_run_id": run_ids[name]}
             for name, strategy, stage, changes, _ in RUNS]
     trainer = TorchTrainer(
         _train_many,

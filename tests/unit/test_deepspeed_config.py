@@ -280,12 +280,14 @@ def process_group(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
 
 
 class Run:
-    """The loop's use of DeepSpeedModel (forward, engine.backward per micro-batch, engine.step)."""
+    """The training loop's use of the DeepSpeed strategy: its forward_backward closure over the
+    micro-batches, then the strategy's step (the engine's step and the schedule)."""
 
     def __init__(self, doc: dict[str, Any], seed: int = 0) -> None:
         import torch
 
-        from workers.deepspeed_engine import DeepSpeedModel
+        from workers.plan import RunPlan
+        from workers.strategy.deepspeed import DeepSpeedStrategy
         from workers.tasks import build_task
 
         self.spec = parse(doc)
@@ -294,40 +296,35 @@ class Run:
         self.reference = self.task.build_model()
         import copy as _copy
 
-        self.engine = DeepSpeedModel(self.spec, _copy.deepcopy(self.reference), torch.device("cpu"))
+        self.engine = DeepSpeedStrategy(self.spec, RunPlan.from_spec(self.spec), _copy.deepcopy(self.reference),
+                                        torch.device("cpu"), exchange=None)
         self.batches = self.task.batches(rank=0, world=1, batch_size=4, seed=0)
+        self.steps = 0
 
     def step(self) -> float:
-        import torch
+        from functools import partial
+
+        from workers.faults import Straggler
+        from workers.train_loop import NoPeft, forward_backward
 
         train = self.spec.train
         assert train is not None
         micro = [next(self.batches) for _ in range(train.grad_accum)]
-        engine = self.engine
-
-        def forward_backward(backward: bool = True) -> torch.Tensor:
-            total = torch.zeros(())
-            engine.optimizer.zero_grad(set_to_none=True)
-            for i, batch in enumerate(micro):
-                loss = self.task.loss(engine.model, batch) / train.grad_accum
-                if backward:
-                    engine.backward(loss, boundary=i == train.grad_accum - 1)
-                total += loss.detach()
-            return total
-
-        loss = engine.step(forward_backward)
-        engine.scheduler.step()
+        closure = partial(forward_backward, self.engine, self.task, micro, step=self.steps, hooks=NoPeft(),
+                          straggler=Straggler(self.spec.faults, 0, 1))
+        loss, _ = self.engine.step(closure, self.steps)
+        self.steps += 1
         self.last_micro = micro
         return float(loss)
 
     def weights(self) -> dict[str, Any]:
-        return {k: v.detach().clone() for k, v in self.engine.consolidated_model().state_dict().items()}
+        return {k: v.detach().clone() for k, v in self.engine.final_model().state_dict().items()}
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_engine_steps_like_plain_torch(process_group, stage: int) -> None:  # type: ignore[no-untyped-def]
     """Accumulation over 2 micro-batches, clipping to 0.05 and SGD with momentum, 3 steps: the same
-    weights as torch alone (ZeRO-3's are gathered by consolidated_model)."""
+    weights as torch alone (ZeRO-3's are gathered by final_model)."""
     import torch
 
     run = Run(mlp_spec(stage=stage, optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9}))
@@ -406,7 +403,7 @@ def test_checkpoint_restores_the_exact_state(process_group, tmp_path, monkeypatc
     assert first.engine.partitioned == (optimizer["name"] == "galore")
     for _ in range(2):
         first.step()
-    first.engine.save_and_report(step=2, scheduler=first.engine.scheduler)
+    first.engine.save(step=2, metrics={})
     assert reported == [{"step": 2}]
     for _ in range(2):
         first.step()
@@ -428,8 +425,12 @@ def test_checkpoint_restores_the_exact_state(process_group, tmp_path, monkeypatc
 def test_memory_estimate_turns_activation_checkpointing_on_only_when_needed(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import torch
 
-    from workers.deepspeed_engine import memory_estimate
+    from workers.plan import RunPlan
+    from workers.strategy.deepspeed import memory_estimate
     from workers.tasks import build_task
+
+    def estimate(spec: Any, device: Any) -> Any:
+        return memory_estimate(spec, RunPlan.from_spec(spec).zero_stage, model, device)
 
     free = 10 * 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
@@ -441,9 +442,9 @@ def test_memory_estimate_turns_activation_checkpointing_on_only_when_needed(monk
     expected = {0: 16 * n, 1: 4 * n + 12 * n / 2, 2: 2 * n + 14 * n / 2, 3: 16 * n / 2}
     for stage, states in expected.items():
         doc["distributed"]["deepspeed"]["zero_stage"] = stage
-        need, have = memory_estimate(parse(doc), model, gpu)  # type: ignore[misc]
+        need, have = estimate(parse(doc), gpu)
         assert need == pytest.approx(states + activations) and have == free
     doc["distributed"]["deepspeed"].update(zero_stage=3, offload_optimizer=True, offload_params=True)
-    need, _ = memory_estimate(parse(doc), model, gpu)  # type: ignore[misc]
+    need, _ = estimate(parse(doc), gpu)
     assert need == pytest.approx(2 * n / 2 + activations)  # only the bf16 gradient shard stays on the GPU
-    assert memory_estimate(parse(doc), model, torch.device("cpu")) is None
+    assert estimate(parse(doc), torch.device("cpu")) is None

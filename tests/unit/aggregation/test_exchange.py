@@ -63,6 +63,7 @@ def set_grads(model: nn.Module, flat: torch.Tensor) -> None:
 def _worker(rank: int, world: int, port: int, cases: list[tuple[str, dict[str, Any], dict[str, Any]]],
             queue: Any) -> None:
     from workers.exchange import GatherExchange, ShardExchange, build_exchange
+    from workers.plan import RunPlan
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -77,7 +78,7 @@ def _worker(rank: int, world: int, port: int, cases: list[tuple[str, dict[str, A
             elif kind == "shard":
                 ex = ShardExchange(spec, rank, world, **kw)
             else:
-                ex = build_exchange(spec, rank=rank, world=world)
+                ex = build_exchange(spec, RunPlan.from_spec(spec).exchange, rank=rank, world=world)
             model = make_model()
             set_grads(model, rank_grads(model, rank))
             metrics = ex(model, STEP)
@@ -189,11 +190,11 @@ def test_gather_and_shard_exchange_equal_the_rule_on_all_gradients() -> None:
                                        rtol=1e-5, atol=1e-6)
 
 
-def test_build_exchange_is_none_for_the_plain_mean() -> None:
-    from workers.exchange import build_exchange
+def test_no_exchange_for_the_plain_mean() -> None:
+    from workers.plan import RunPlan
 
     for strategy in ("ddp", "deepspeed"):
         spec = ExperimentSpec.model_validate(spec_doc(4, strategy, {"name": "mean"}, None))
-        assert build_exchange(spec, rank=0, world=4) is None
+        assert RunPlan.from_spec(spec).exchange is None
         spec = ExperimentSpec.model_validate(spec_doc(4, strategy, {"name": "mean"}, {"name": "label_flip"}))
-        assert build_exchange(spec, rank=0, world=4) is None
+        assert RunPlan.from_spec(spec).exchange is None

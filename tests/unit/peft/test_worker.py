@@ -96,7 +96,7 @@ def test_lora_fine_tune_saves_an_adapter_that_peft_loads(monkeypatch: pytest.Mon
     monkeypatch.setattr(train_loop, "RunLogger",
                         lambda *a, **k: RecordingLogger(*a, **k, out=tmp_path / "artifacts"))
     spec = spec_for({"name": "lora", "r": 4, "alpha": 8})
-    train_loop.train_worker({"spec": spec.resolved(), "mlflow_uri": "", "mlflow_run_id": "x"})
+    train_loop.train_worker({"spec": spec, "mlflow_uri": "", "mlflow_run_id": "x"})
     log = RecordingLogger.last
     assert log is not None
     losses = [v for _, v in log.metric_log["train/loss"]]
@@ -178,7 +178,7 @@ def test_lora_ggpo_perturbs_from_the_second_step_in_the_worker_loop(monkeypatch:
 
     monkeypatch.setattr(peft_hooks, "apply_peft", recording_apply)
     spec = spec_for({"name": "lora_ggpo", "r": 4, "alpha": 8}, steps=5)
-    train_loop.train_worker({"spec": spec.resolved(), "mlflow_uri": "", "mlflow_run_id": "x"})
+    train_loop.train_worker({"spec": spec, "mlflow_uri": "", "mlflow_run_id": "x"})
     assert seen["perturbed"] == [False, True, True, True, True]
     assert all(seen["restored"])
     assert all(g is not None for g in seen["handle"].gbar())

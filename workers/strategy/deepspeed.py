@@ -1,19 +1,21 @@
 """The ``deepspeed`` strategy: the spec's model inside a DeepSpeed engine, for the training loop.
 
-``DeepSpeedModel(spec, model, device)`` builds the client optimizer from the spec, the DeepSpeed
-config from ``service.spec.deepspeed_rules.merged_config`` (the spec's values, tuned defaults, the
-spec's raw fragment), and initialises the engine on the process group Ray Train (or ``torchrun``)
-already set up: gloo on CPU, NCCL on GPU, any number of ranks. The loop then calls:
+``DeepSpeedStrategy(spec, plan, model, device, exchange=...)`` builds the client optimizer from the
+spec, the DeepSpeed config from ``service.spec.deepspeed_rules.merged_config`` (the spec's values,
+tuned defaults, the spec's raw fragment), and initialises the engine on the process group Ray Train
+(or ``torchrun``) already set up: gloo on CPU, NCCL on GPU, any number of ranks. For the loop
+(``workers.strategy.base.Strategy``):
 
-- ``backward(loss, boundary=...)`` for each micro-batch (the loop already divided the loss by the
+- ``backward(loss, last=...)`` for each micro-batch (the loop already divided the loss by the
   accumulation steps); the last micro-batch is the accumulation boundary, where ZeRO reduces;
-- ``step(forward_backward)``: runs the loop's closure, then the engine's step (clipping, optimizer,
-  zeroing); closure optimizers (SAM, AdaZo-SAM, LORENZA) get the closure instead;
-- ``save_and_report(step=, scheduler=)``: DeepSpeed's sharded checkpoint, every rank writing its own
-  shards into its own folder, reported to Ray Train, which merges the ranks' folders into one
-  checkpoint; ``restore()`` loads the last one after a restart;
-- ``consolidated_model()``: the whole model for the MLflow artifact (ZeRO-3: the 16-bit weights
-  gathered layer by layer onto rank 0; every rank must call it).
+- ``step(forward_backward, step)``: runs the loop's closure (and the gradient exchange after it,
+  when one runs: the engine's all-reduce is then off), then the engine's step (clipping, optimizer,
+  zeroing) and the schedule; closure optimizers (SAM, AdaZo-SAM, LORENZA) get the closure instead;
+- ``save(step=, metrics=)``: DeepSpeed's sharded checkpoint, every rank writing its own shards into
+  its own folder, reported to Ray Train, which merges the ranks' folders into one checkpoint;
+  ``restore()`` loads the last one after a restart;
+- ``final_model()``: the whole model for the MLflow artifact (ZeRO-3: the 16-bit weights gathered
+  layer by layer onto rank 0; every rank must call it).
 
 Optimizers: ``adamw`` runs as DeepSpeed's FusedAdam on GPU (its CUDA op is compiled just in time;
 torch's fused AdamW if that fails), as DeepSpeedCPUAdam with ``offload_optimizer``, and as torch's
@@ -23,30 +25,30 @@ optimizer. Projected optimizers (GaLore, DCT, LORENZA) at ZeRO 1/2 run as DeepSp
 ``service/spec/deepspeed_rules.py`` for the modes and what is rejected.
 """
 
+from __future__ import annotations
+
 import argparse
 import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from service.spec import ExperimentSpec
 from service.spec.deepspeed_rules import (
     deepspeed_precision,
-    engine_stage,
-    gradient_exchange,
     merged_config,
     partitions_optimizer,
-    whole_params_reason,
 )
+from workers.plan import RunPlan
 from workers.schedule import build_scheduler
+from workers.strategy.base import AUTOCAST, Closure, Exchange, autocast, exchanged
 
-Closure = Callable[..., torch.Tensor]
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+log = logging.getLogger(__name__)
 OPTIMIZER_FILE = "optimizer_rank{rank}.pt"  # per-rank state of PartitionedOptimizer
 
 
@@ -97,7 +99,8 @@ def build_client_optimizer(spec: ExperimentSpec, model: nn.Module, device: torch
     return build_from_config(cfg, params)
 
 
-def memory_estimate(spec: ExperimentSpec, model: nn.Module, device: torch.device) -> tuple[float, float] | None:
+def memory_estimate(spec: ExperimentSpec, stage: int, model: nn.Module,
+                    device: torch.device) -> tuple[float, float] | None:
     """(bytes one GPU needs without activation checkpointing, bytes free now), or None off GPU or
     for models that are not transformers decoders/encoders with a config.
 
@@ -118,7 +121,6 @@ def memory_estimate(spec: ExperimentSpec, model: nn.Module, device: torch.device
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     ds = spec.distributed.deepspeed
-    stage = engine_stage(spec)
     optim = 0.0 if ds is not None and ds.offload_optimizer else 12.0
     weights = 0.0 if ds is not None and ds.offload_params else 2.0
     per_param = {0: weights + 2 + optim, 1: weights + 2 + optim / world, 2: weights + (2 + optim) / world,
@@ -130,48 +132,17 @@ def memory_estimate(spec: ExperimentSpec, model: nn.Module, device: torch.device
     return states + activations, float(free)
 
 
-class _LoopOptimizer:
-    """What the loop's closure sees as ``optimizer``: DeepSpeed clears gradients after each step,
-    so ``zero_grad`` matters only for closure optimizers, which re-run the closure."""
-
-    def __init__(self, owner: "DeepSpeedModel") -> None:
-        self.owner = owner
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        if self.owner.needs_closure:
-            for p in self.owner.engine.module.parameters():
-                p.grad = None
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.owner.client.param_groups  # type: ignore[no-any-return]
-
-
-class DeepSpeedModel:
-    def __init__(self, spec: ExperimentSpec, model: nn.Module, device: torch.device, peft_handle: Any = None) -> None:
-        assert spec.train is not None
-        self.spec, self.device = spec, device
+class DeepSpeedStrategy:
+    def __init__(self, spec: ExperimentSpec, plan: RunPlan, model: nn.Module, device: torch.device, *,
+                 exchange: Exchange | None, peft_handle: Any = None) -> None:
+        assert spec.train is not None and plan.zero_stage is not None
+        self.spec, self.device, self.exchange, self.stage = spec, device, exchange, plan.zero_stage
         self.deepspeed = import_deepspeed(device)
         import torch.distributed as dist
 
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        ds = spec.distributed.deepspeed
-        asked = ds is not None and ds.activation_checkpointing
-        estimate = memory_estimate(spec, model, device)
-        if not asked and estimate is not None and estimate[0] > 0.85 * estimate[1]:
-            print(f"[orchestra] deepspeed: activation checkpointing on: about {estimate[0] / 2**30:.1f} GiB needed "
-                  f"per GPU without it, {estimate[1] / 2**30:.1f} GiB free", flush=True)
-            asked = True
-        if asked:
-            enable = getattr(model, "gradient_checkpointing_enable", None)
-            if enable is None:
-                warnings.warn("activation_checkpointing: this model has no gradient_checkpointing_enable; "
-                              "training without it", stacklevel=2)
-            else:
-                enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.whole_params = whole_params_reason(spec) is not None
+        _activation_checkpointing(spec, self.stage, model, device)
         self.partitioned = partitions_optimizer(spec)
-        self.stage = engine_stage(spec)
         self.config = merged_config(spec)
         self.client = build_client_optimizer(spec, model, device, peft_handle)
         self.needs_closure = bool(getattr(self.client, "needs_closure", False))
@@ -179,62 +150,66 @@ class DeepSpeedModel:
         engine, _, _, _ = self.deepspeed.initialize(model=model, optimizer=self.client, config=self.config,
                                                     args=args, dist_init_required=False)
         self.engine = engine
-        if gradient_exchange(spec):
-            # The loop's gradient exchange combines the ranks' own gradients: no all-reduce first.
+        if exchange is not None:
+            # The exchange combines the ranks' own gradients: no all-reduce first.
             engine.enable_backward_allreduce = False
         if spec.train.compile:
             engine.compile()
         self.model: nn.Module = engine
-        self.optimizer: Any = _LoopOptimizer(self)
         self.scheduler = build_scheduler(self.client, spec.train)
+        # torch autocast where DeepSpeed does not do mixed precision itself (whole-parameter mode), or
+        # for float inputs (DeepSpeed casts the weights, not the inputs)
+        precision = spec.train.precision
+        self.dtype = None
+        if precision != "fp32" and (deepspeed_precision(spec) is None or spec.task.kind == "image_classification"):
+            self.dtype = AUTOCAST[precision]
+        # ZeRO-3's forward gathers parameters with collectives: every rank must run evaluation
+        self.eval_on_all_ranks = self.stage == 3
 
-    # ---- what the loop reads ------------------------------------------------------------------
-
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        """torch autocast for the loop: where DeepSpeed does not do mixed precision itself (whole-
-        parameter mode), or for float inputs (DeepSpeed casts the weights, not the inputs)."""
-        assert self.spec.train is not None
-        precision = self.spec.train.precision
-        if precision == "fp32":
-            return None
-        if deepspeed_precision(self.spec) is None or self.spec.task.kind == "image_classification":
-            return _AUTOCAST[precision]
-        return None
-
-    @property
-    def eval_on_all_ranks(self) -> bool:
-        """ZeRO-3's forward gathers parameters with collectives: every rank must run evaluation."""
-        return self.stage == 3
+    def autocast(self) -> AbstractContextManager[Any]:
+        return autocast(self.device, self.dtype)
 
     # ---- one optimizer step -------------------------------------------------------------------
 
-    def backward(self, loss: torch.Tensor, *, boundary: bool) -> None:
-        self.engine.set_gradient_accumulation_boundary(boundary)
+    def zero_grad(self) -> None:
+        """DeepSpeed clears gradients after each step; closure optimizers re-run the closure."""
+        if self.needs_closure:
+            for p in self.engine.module.parameters():
+                p.grad = None
+
+    def backward(self, loss: Tensor, *, last: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self, forward_backward: Closure) -> torch.Tensor:
+    def step(self, forward_backward: Closure, step: int) -> tuple[Tensor, dict[str, float]]:
+        metrics: dict[str, float] = {}
+        closure = exchanged(forward_backward, self.exchange, self.model, step, metrics)
         if self.needs_closure:
-            return self.client.step(forward_backward)  # type: ignore[arg-type,return-value]
-        loss = forward_backward(True)
-        self.engine.step()
-        return loss
+            loss: Tensor = self.client.step(closure)  # type: ignore[arg-type,assignment]
+        else:
+            loss = closure(True)
+            self.engine.step()
+        self.scheduler.step()
+        return loss, metrics
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
 
     # ---- checkpoints --------------------------------------------------------------------------
 
-    def save_and_report(self, *, step: int, scheduler: Any, metrics: dict[str, float] | None = None) -> None:
+    def save(self, *, step: int, metrics: dict[str, float]) -> None:
         """Every rank writes its shards into its own folder; Ray Train merges them into one checkpoint."""
         import ray.train
 
         with tempfile.TemporaryDirectory() as tmp:
             self.engine.save_checkpoint(tmp, tag=f"step{step}",
-                                        client_state={"step": step, "scheduler": scheduler.state_dict()})
+                                        client_state={"step": step, "scheduler": self.scheduler.state_dict()})
             if self.partitioned:
                 torch.save(self.client.state_dict(), os.path.join(tmp, OPTIMIZER_FILE.format(rank=self.rank)))
-            ray.train.report({**(metrics or {}), "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     def restore(self) -> int:
-        """Load the last reported checkpoint, if any; returns the step to resume from (0 if none)."""
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
@@ -254,7 +229,7 @@ class DeepSpeedModel:
 
     # ---- the final model ----------------------------------------------------------------------
 
-    def consolidated_model(self) -> nn.Module:
+    def final_model(self) -> nn.Module:
         """The whole trained model on rank 0 (other ranks get their engine's module back)."""
         module: nn.Module = self.engine.module
         if self.stage == 3:
@@ -265,6 +240,25 @@ class DeepSpeedModel:
         if self.spec.task.kind == "image_classification" and deepspeed_precision(self.spec) is not None:
             module = module.float()  # float inputs: evaluate in fp32
         return module
+
+
+def _activation_checkpointing(spec: ExperimentSpec, stage: int, model: nn.Module, device: torch.device) -> None:
+    """On when the spec asks, or when the memory estimate says the GPU would not hold the run without it."""
+    ds = spec.distributed.deepspeed
+    asked = ds is not None and ds.activation_checkpointing
+    estimate = memory_estimate(spec, stage, model, device)
+    if not asked and estimate is not None and estimate[0] > 0.85 * estimate[1]:
+        log.warning("deepspeed: activation checkpointing on: about %.1f GiB needed per GPU without it, "
+                    "%.1f GiB free", estimate[0] / 2**30, estimate[1] / 2**30)
+        asked = True
+    if not asked:
+        return
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None:
+        warnings.warn("activation_checkpointing: this model has no gradient_checkpointing_enable; "
+                      "training without it", stacklevel=3)
+    else:
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _assemble(spec: ExperimentSpec, state: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> nn.Module:
