@@ -144,7 +144,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import psycopg
-    from ray.job_submission import JobSubmissionClient
 
     from service.db import upgrade
     from service.stack import Stack, free_port
@@ -161,7 +160,9 @@ def main() -> None:
     proc = None
     try:
         stack.wait_ready()
-        os.environ.update(stack.env())
+        os.environ.update(stack.env())  # Ray's client reads its token settings when first imported
+        from ray.job_submission import JobSubmissionClient
+
         port = free_port(38000)
         env = {**os.environ, "ORCHESTRA_DATABASE_URL": db_url, "ORCHESTRA_HOME": str(home),
                "ORCHESTRA_STORAGE_PATH": str(home / "ray_results"),
