@@ -187,9 +187,9 @@ def _wait(client: Client, experiment_id: str) -> dict[str, Any]:
         time.sleep(1.0)
 
 
-def _submit_and_wait(client: Client, path: Path) -> int:
+def _submit_and_wait(client: Client, path: Path, code: Path | None = None) -> int:
     try:
-        exp = client.submit(path.read_text(), yaml=path.suffix in (".yaml", ".yml"))
+        exp = client.submit(path, code=code)
     except ApiError as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)
         return 2
@@ -201,16 +201,19 @@ def _submit_and_wait(client: Client, path: Path) -> int:
 
 @app.command()
 def submit(file: Path, wait: Annotated[bool, typer.Option("--wait", help="wait for the end")] = False,
+           code: Annotated[Path | None, typer.Option("--code", help="a folder to ship with the run (its "
+                                                      ".gitignore applied): the job's working directory")] = None,
            idempotency_key: Annotated[str | None, typer.Option()] = None, api: ApiOpt = None) -> None:
-    """Submit a spec (YAML or JSON)."""
+    """Submit a spec (YAML or JSON), with the code it runs (--code DIR)."""
     client = _client(api)
     if not file.exists():
         _fail(f"no such file: {file}", 2)
+    if code is not None and not code.is_dir():
+        _fail(f"--code: not a folder: {code}", 2)
     if wait:
-        raise typer.Exit(_submit_and_wait(client, file))
+        raise typer.Exit(_submit_and_wait(client, file, code))
     try:
-        exp = client.submit(file.read_text(), yaml=file.suffix in (".yaml", ".yml"),
-                            idempotency_key=idempotency_key)
+        exp = client.submit(file, code=code, idempotency_key=idempotency_key)
     except ApiError as exc:
         _fail(str(exc), 2)
     _print_status(exp)
