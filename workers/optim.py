@@ -32,10 +32,7 @@ def optimizer_step(optimizer: Any, forward_backward: Closure, *, model: nn.Modul
     """One optimizer step; returns the (accumulated) loss of the batch."""
     if engine is not None:
         return engine.step(forward_backward)  # type: ignore[no-any-return]
-    if getattr(optimizer, "needs_closure", False):
-        if scaler is not None:
-            raise ValueError("fp16 loss scaling does not compose with closure-based optimizers (sam, adazo_sam, "
-                             "lorenza): use precision bf16 or fp32")
+    if getattr(optimizer, "needs_closure", False):  # the spec refuses fp16 (a loss scaler) for these
 
         def closure(backward: bool = True) -> torch.Tensor:
             loss = forward_backward(backward)

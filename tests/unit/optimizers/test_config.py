@@ -37,10 +37,10 @@ def test_build_validates_hyperparameters() -> None:
 def test_projected_optimizers_accept_zero_1_2_and_reject_zero_3(name: str) -> None:
     cfg = {"galore": C.GaLoreConfig, "dct": C.DCTConfig, "lorenza": C.LorenzaConfig}[name](name=name, lr=0.01)
     for stage in (None, 0, 1, 2):
-        cfg.check_distributed("deepspeed", stage)
-    cfg.check_distributed("ddp", None)
+        cfg.check_distributed("deepspeed", stage, "bf16")
+    cfg.check_distributed("ddp", None, "fp32")
     with pytest.raises(ValueError, match="stage 3"):
-        cfg.check_distributed("deepspeed", 3)
+        cfg.check_distributed("deepspeed", 3, "fp32")
 
 
 def test_lorenza_example_validates() -> None:
