@@ -38,7 +38,6 @@ from service.spec import ExperimentSpec
 from service.spec.deepspeed_rules import (
     deepspeed_precision,
     engine_stage,
-    gradient_exchange,
     merged_config,
     partitions_optimizer,
     whole_params_reason,
@@ -179,7 +178,7 @@ class DeepSpeedModel:
         engine, _, _, _ = self.deepspeed.initialize(model=model, optimizer=self.client, config=self.config,
                                                     args=args, dist_init_required=False)
         self.engine = engine
-        if gradient_exchange(spec):
+        if spec.derived().exchange != "none":
             # The loop's gradient exchange combines the ranks' own gradients: no all-reduce first.
             engine.enable_backward_allreduce = False
         if spec.train.compile:

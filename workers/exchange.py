@@ -3,7 +3,7 @@ every worker's gradient, with the simulated Byzantine workers' rows replaced by 
 
 Plain ``mean`` without attacks needs none of this: DDP's (or DeepSpeed's) all-reduce does it.
 
-Two layouts, chosen by ``distributed.exchange`` (:func:`build_exchange`; ``auto``, the default,
+Two layouts, chosen by the resolved ``distributed.exchange`` (:func:`build_exchange`; ``auto``, the default,
 takes the first under ddp and the second under deepspeed, either may be named under both):
 
 * ``gather`` -> :class:`GatherExchange`: the flattened gradient is all-gathered in buckets of
@@ -258,12 +258,7 @@ class ShardExchange(_RobustExchange):
 
 def build_exchange(spec: ExperimentSpec, *, rank: int, world: int) -> Exchange | None:
     """The exchange for the spec's strategy, or ``None`` when the plain mean all-reduce does."""
-    agg = spec.distributed.aggregator
-    byz = spec.faults.byzantine
-    gradient_attack = byz is not None and byz.n > 0 and byz.attack.name != "label_flip"
-    if (agg is None or agg.name == "mean") and not gradient_attack:
+    layout = spec.derived().exchange
+    if layout == "none":
         return None
-    layout = spec.distributed.exchange
-    if layout == "auto":
-        layout = "shard" if spec.distributed.strategy == "deepspeed" else "gather"
     return ShardExchange(spec, rank, world) if layout == "shard" else GatherExchange(spec, rank, world)

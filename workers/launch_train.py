@@ -9,10 +9,8 @@ def scaling_config(spec: ExperimentSpec) -> Any:
     from ray.train import ScalingConfig
 
     dist = spec.distributed
-    resources = dict(dist.resources_per_worker or {})
-    if not resources:
-        resources = {"CPU": 1.0, **({"GPU": 1.0} if dist.use_gpu else {})}
-    return ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu, resources_per_worker=resources)
+    return ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu,
+                         resources_per_worker=spec.derived().resources_per_worker)
 
 
 def run_trainer(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_id: str,

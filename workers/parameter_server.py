@@ -306,7 +306,7 @@ class AsyncGradientWorker(GradientWorker):
     def __init__(self, spec_json: dict[str, Any], rank: int, sizes: list[int], keep: int,
                  wire: str = "float32") -> None:
         super().__init__(spec_json, rank, sizes, keep, wire, sleep=False)
-        cpus = (ExperimentSpec.model_validate(spec_json).distributed.resources_per_worker or {}).get("CPU", 1.0)
+        cpus = ExperimentSpec.model_validate(spec_json).derived().resources_per_worker.get("CPU", 1.0)
         torch.set_num_threads(max(1, int(cpus)))
 
     async def compute_async(self, items: list[WorkItem], *weights: np.ndarray,
@@ -330,10 +330,7 @@ class Pool(Protocol):
 
 
 def _actor_options(spec: ExperimentSpec) -> dict[str, Any]:
-    dist = spec.distributed
-    res = dict(dist.resources_per_worker or {})
-    if not res:
-        res = {"CPU": 1.0, **({"GPU": 1.0} if dist.use_gpu else {})}
+    res = spec.derived().resources_per_worker
     opts: dict[str, Any] = {"num_cpus": res.pop("CPU", 0.0), "num_gpus": res.pop("GPU", 0.0),
                             "max_concurrency": 64}  # late tasks await their delay meanwhile
     if res:
@@ -642,7 +639,7 @@ class ParameterServer:
             self.logger.metrics({"train/loss": self.losses[-1], "train/lr": float(self.scheduler.get_last_lr()[0])},
                                 step=train_step)
             done = train_step
-        eval_every = self.train.eval_every or self.train.max_steps
+        eval_every = self.spec.derived().eval_every
         if done % eval_every == 0 or done == self.train.max_steps:
             self.logger.metrics(self.task.evaluate(self.model, torch.device("cpu"), self.train.eval_batches),
                                 step=done)

@@ -58,7 +58,7 @@ def concurrent_trials(spec: ExperimentSpec, cluster_cpus: float, cluster_gpus: f
     assert sweep is not None
     if sweep.max_concurrent_trials:
         return sweep.max_concurrent_trials
-    per_worker = dist.resources_per_worker or {"CPU": 1.0, **({"GPU": 1.0} if dist.use_gpu else {})}
+    per_worker = spec.derived().resources_per_worker
     fits = [math.floor(cluster_cpus / max(per_worker.get("CPU", 1.0) * dist.num_workers + 0.5, 1e-9))]
     if dist.use_gpu:
         fits.append(math.floor(cluster_gpus / max(per_worker.get("GPU", 1.0) * dist.num_workers, 1e-9)))
@@ -108,7 +108,7 @@ def run_sweep(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_
     scheduler: Any = FIFOScheduler()
     if sweep.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="step", max_t=spec.train.max_steps,
-                                  grace_period=max(1, spec.train.eval_every or spec.train.max_steps))
+                                  grace_period=max(1, spec.derived().eval_every))
     # Checkpoint reports carry the training loss but not the sweep's eval metric: Tune must accept
     # results without it (the schedulers skip such results).
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"

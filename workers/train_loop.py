@@ -80,8 +80,8 @@ def train_worker(config: dict[str, Any]) -> None:
         logger.metrics({"model/params": n_params, "model/trainable_params": n_train}, step=start)
         logger.set_tags({"orchestra.world_size": str(world)})
 
-    eval_every = train.eval_every or train.max_steps
-    ckpt_every = train.checkpoint_every or train.max_steps
+    eval_every = spec.derived().eval_every
+    ckpt_every = spec.derived().checkpoint_every
     window_t, window_steps, window_loss = time.perf_counter(), 0, 0.0
     metrics: dict[str, float] = {}
     last_eval: dict[str, float] = {}  # rank 0's latest evaluation, carried by checkpoint reports

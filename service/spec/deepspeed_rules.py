@@ -27,6 +27,9 @@ Two ways to run under DeepSpeed:
 import copy
 from typing import TYPE_CHECKING, Any
 
+from service.spec.derived import needs_robust_exchange
+from service.spec.derived import zero_stage as requested_zero_stage
+
 if TYPE_CHECKING:
     from service.spec.model import ExperimentSpec
 
@@ -35,9 +38,7 @@ _NO_STEPS_PRINT = 10**12  # DeepSpeed's own progress print; Orchestra logs to ML
 
 def gradient_exchange(spec: "ExperimentSpec") -> bool:
     """A robust rule, or simulated Byzantine gradients: needs every rank's whole gradient."""
-    agg = spec.distributed.aggregator
-    byz = spec.faults.byzantine
-    return (agg is not None and agg.ROBUST) or (byz is not None and byz.attacks_gradients)
+    return needs_robust_exchange(spec)
 
 
 def whole_params_reason(spec: "ExperimentSpec") -> str | None:
@@ -55,8 +56,9 @@ def whole_params_reason(spec: "ExperimentSpec") -> str | None:
 
 def zero_stage(spec: "ExperimentSpec") -> int:
     """The stage the spec asks for (2 when the deepspeed section is left out)."""
-    ds = spec.distributed.deepspeed
-    return ds.zero_stage if ds is not None else 2
+    stage = requested_zero_stage(spec)
+    assert stage is not None, "a deepspeed spec"
+    return stage
 
 
 def engine_stage(spec: "ExperimentSpec") -> int:

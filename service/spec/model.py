@@ -8,7 +8,9 @@ from algorithms._config import StrictModel
 from algorithms.merging.config import MergeConfig
 from algorithms.optimizers.config import OptimizerConfig
 from algorithms.peft.config import PeftConfig
-from service.spec.distributed import DistributedSpec
+from service.spec.derived import Derived, derive, exchange_layout, needs_robust_exchange, worker_resources
+from service.spec.derived import zero_stage as requested_zero_stage
+from service.spec.distributed import DeepSpeedSpec, DistributedSpec
 from service.spec.faults import FaultsSpec
 from service.spec.sweep import SweepSpec
 from service.spec.task import TaskSpec
@@ -96,10 +98,15 @@ class ExperimentSpec(StrictModel):
     def _check_exchange(self) -> None:
         dist = self.distributed
         n = dist.num_workers
-        if dist.exchange != "auto" and dist.strategy == "parameter_server":
+        if dist.exchange not in ("auto", "none") and dist.strategy == "parameter_server":
             raise ValueError(
                 f"distributed.exchange: {dist.exchange!r} applies to strategy ddp or deepspeed; under "
                 "parameter_server the server gathers the workers' gradients itself (leave it 'auto')"
+            )
+        if dist.exchange == "none" and dist.strategy != "parameter_server" and needs_robust_exchange(self):
+            raise ValueError(
+                "distributed.exchange: 'none', but a robust aggregator or a gradient attack combines every "
+                "rank's whole gradient: use 'auto', 'gather' or 'shard'"
             )
         if dist.aggregator is not None:
             try:
@@ -188,6 +195,28 @@ class ExperimentSpec(StrictModel):
             if self.distributed.max_failures < 1:
                 raise ValueError("distributed.max_failures: faults.kill needs max_failures >= 1 to recover")
 
+    # ---- the resolved spec -------------------------------------------------------------------
+
+    def resolve(self) -> "ExperimentSpec":
+        """This spec with every derived value written in (``service.spec.derived``), validated
+        again; resolving a resolved spec changes nothing."""
+        raw = self.model_dump(mode="json")
+        dist = raw["distributed"]
+        dist["resources_per_worker"] = worker_resources(self.distributed)
+        dist["exchange"] = exchange_layout(self)
+        if self.distributed.strategy == "deepspeed" and self.distributed.deepspeed is None:
+            dist["deepspeed"] = DeepSpeedSpec(zero_stage=requested_zero_stage(self) or 0).model_dump(mode="json")
+        if self.train is not None:
+            values = derive(self)
+            raw["train"]["eval_every"] = values.eval_every
+            raw["train"]["checkpoint_every"] = values.checkpoint_every
+        return ExperimentSpec.model_validate(raw)
+
     def resolved(self) -> dict[str, Any]:
-        """The spec with every default filled in, as stored with the run and sent to workers."""
-        return self.model_dump(mode="json")
+        """The resolved spec as JSON: every default and derived value filled in, as stored with the
+        run and sent to workers."""
+        return self.resolve().model_dump(mode="json")
+
+    def derived(self) -> Derived:
+        """What workers read for the values a spec may leave to a default (a training spec only)."""
+        return derive(self)
