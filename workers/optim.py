@@ -17,14 +17,14 @@ Closure = Callable[..., torch.Tensor]
 
 
 def build_optimizer(spec: ExperimentSpec, model: nn.Module, peft_handle: Any = None) -> torch.optim.Optimizer:
-    from algorithms.optimizers.registry import build_from_config
+    from algorithms.optimizers.registry import OPTIMIZERS
 
     assert spec.optimizer is not None
     if peft_handle is not None:
         params: Any = peft_handle.param_groups(model, spec.optimizer.lr)
     else:
         params = [p for p in model.parameters() if p.requires_grad]
-    return build_from_config(spec.optimizer, params)
+    return OPTIMIZERS.build(spec.optimizer, params)
 
 
 def optimizer_step(optimizer: Any, forward_backward: Closure, *, model: nn.Module, scaler: Any,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from algorithms.optimizers import config as C
-from algorithms.optimizers.registry import build, build_from_config, names
+from algorithms.optimizers.registry import OPTIMIZERS, build, names
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -21,7 +21,7 @@ def test_every_configured_name_is_registered_and_builds_from_its_defaults() -> N
     for cls in union:
         name = typing.get_args(cls.model_fields["name"].annotation)[0]
         cfg = cls(name=name, lr=0.01)
-        opt = build_from_config(cfg, torch.nn.Linear(6, 4).parameters())
+        opt = OPTIMIZERS.build(cfg, torch.nn.Linear(6, 4).parameters())
         assert isinstance(opt, torch.optim.Optimizer)
 
 
