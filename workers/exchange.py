@@ -90,20 +90,20 @@ class _RobustExchange:
 
     def __init__(self, spec: ExperimentSpec, rank: int, world: int) -> None:
         from algorithms.aggregation.config import MeanConfig
-        from algorithms.aggregation.registry import build_from_config
+        from algorithms.aggregation.registry import RULES
 
         agg_cfg = spec.distributed.aggregator or MeanConfig(name="mean")
-        self.rule = build_from_config(agg_cfg)
+        self.rule = RULES.build(agg_cfg)
         self.rule.check(world)
         self.world, self.rank = world, rank
         self.byz_spec = spec.faults.byzantine
         self.byzantine = chosen_ranks(self.byz_spec, world)
         self.honest = [r for r in range(world) if r not in self.byzantine]
         self.attack: Any = None
-        if self.byz_spec is not None and self.byz_spec.attack.name != "label_flip" and self.byzantine:
-            from algorithms.aggregation.attacks import build_attack_from_config
+        if self.byz_spec is not None and self.byzantine:
+            from algorithms.aggregation.attacks import ATTACKS
 
-            self.attack = build_attack_from_config(self.byz_spec.attack)
+            self.attack = ATTACKS.build(self.byz_spec.attack)  # None for a data attack
 
     def _attacked(self, rows: Tensor, step: int, offset: int) -> Tensor:
         """``rows[world, b]`` (coordinates ``offset ...``) as float32, the liars' rows replaced."""

@@ -456,19 +456,19 @@ class ParameterServer:
         self.optimizer = build_optimizer(spec, self.model)
         self.scheduler = build_scheduler(self.optimizer, self.train)
         agg = spec.distributed.aggregator
-        if rule is None and agg is not None and agg.name != "mean":
-            from algorithms.aggregation.registry import build_from_config
+        if rule is None and agg is not None and agg.ROBUST:
+            from algorithms.aggregation.registry import RULES
 
-            rule = build_from_config(agg)
+            rule = RULES.build(agg)
         self.rule = rule
         byz = spec.faults.byzantine
         self.byz_spec = byz
         self.byzantine = chosen_ranks(byz, self.n)
         self.attack: Any = None
-        if byz is not None and byz.attack.name != "label_flip" and self.byzantine:
-            from algorithms.aggregation.attacks import build_attack_from_config
+        if byz is not None and self.byzantine:
+            from algorithms.aggregation.attacks import ATTACKS
 
-            self.attack = build_attack_from_config(byz.attack)
+            self.attack = ATTACKS.build(byz.attack)  # None for a data attack
         self.records: list[StepRecord] = []
         self.losses: list[float] = []
 
