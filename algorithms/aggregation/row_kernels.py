@@ -3,8 +3,8 @@ Gram matrix ``X X^T`` (Flag's statistic) and the combination ``c^T X`` (every li
 
 **Gram.** ``X X^T`` for ``X`` of ``n x d`` with ``n`` of 2-64 workers and ``d`` in the millions is a
 GEMM with a tiny output and a huge reduction. cuBLAS picks a small-N SIMT kernel for it that reads
-``X`` at about 1 TB/s on an H200 (70% of Flag's time, ``bench/results/gpu/run8-flag_profile.log``); a
-Triton kernel built on ``tl.dot`` (tensor-core tiles of 16 rows) did no better (run14, RESULTS.md).
+``X`` at about 1 TB/s on an H200 (70% of Flag's time in ``bench/gpu_aggregation.py --profile flag``); a
+Triton kernel built on ``tl.dot`` (tensor-core tiles of 16 rows) did no better (commit ac5c352).
 This one does no matrix product at all: the rows are split into blocks of ``RB`` rows, and one
 program per (pair of row blocks ``a <= b``, stretch of ``SPAN`` coordinates) loads the two blocks'
 ``[RB, BLOCK]`` tiles and accumulates the elementwise products ``x_i[k] * x_j[k]`` of every row pair
