@@ -44,8 +44,8 @@ except ImportError:  # the CPU-only install may lack Triton: the rules use torch
 
 ENABLED = True  # the benchmarks turn this off to time torch's path on the same GPU
 MAX_ROWS = 64
-# The defaults won `bench/gpu_aggregation.py --gram-sweep` on an H200 (run15, run17): for n = 16 the Gram
-# takes 0.89 / 3.12 ms at d = 25M / 100M (1.8-2.0 TB/s; cuBLAS bmm 1.60 / 5.86 ms, run18); n = 2 and 4 read
+# The defaults won `bench/gpu_aggregation.py --gram-sweep` on an H200 (2026-11-26): for n = 16 the Gram
+# takes 0.89 / 3.12 ms at d = 25M / 100M (1.8-2.0 TB/s; cuBLAS bmm 1.60 / 5.86 ms; bench/RESULTS.md); n = 2 and 4 read
 # at 2.3-2.5 TB/s at 100M. Row blocks of 16 (256 accumulators a thread) spill registers and run 2-30x slower.
 ROW_BLOCK = 8  # rows per block: RB x RB x (columns per thread) accumulators per thread
 BLOCK = 128  # coordinates per tile (one per thread at 4 warps)
