@@ -15,6 +15,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -95,10 +96,11 @@ def main() -> None:
     db_url = args.pg.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
     upgrade(db_url)
     port = free_port(args.port)
+    home = Path(tempfile.mkdtemp(prefix=f"{name}-"))  # the server's state folder and its log
     env = {**os.environ, "ORCHESTRA_DATABASE_URL": db_url, "ORCHESTRA_RAY_ADDRESS": "http://127.0.0.1:9",
-           "ORCHESTRA_MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "ORCHESTRA_HOME": f"/tmp/{name}"}
+           "ORCHESTRA_MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "ORCHESTRA_HOME": str(home)}
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env, cwd=ROOT,
-                            stdout=open(f"/tmp/{name}.log", "wb"), stderr=subprocess.STDOUT)
+                            stdout=open(home / "serve.log", "wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -109,7 +111,7 @@ def main() -> None:
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("orchestra serve did not start")
+                raise SystemExit(f"orchestra serve did not start (its log: {home / 'serve.log'})")
             time.sleep(0.2)
         results = asyncio.run(run(url, args.rate, args.seconds))
     finally:

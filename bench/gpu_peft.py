@@ -4,7 +4,7 @@ The model is built from a Llama config (TinyLlama-1.1B shapes, random init, bf16
 r = 16 on every linear layer of the blocks (q, k, v, o, gate, up, down), AdamW, causal-LM loss on
 random tokens. Each method gets a fresh model and runs warm-up steps, then timed steps; the hooks
 are called in the worker loop's order. LoRA runs first and again last (drift check); ratios are
-against the mean of its two runs. Goal (issue 4): each method <= 1.10x LoRA's step time.
+against the mean of its two runs. Goal: each method <= 1.10x LoRA's step time.
 
 Needs torch (CUDA), transformers and peft plus this repository (the method modules are imported
 directly: no pydantic, Ray or DeepSpeed).

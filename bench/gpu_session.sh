@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU benchmarks, batched for the lent device (a machine start costs minutes). Run from the
-# repo root on the GPU machine with .whl carried (bash ../shared/device/make-gpu-bundle.sh, plus
-# .whl/extra with the galore-torch and ista-daslab-optimizers wheels, and .ref/FlagAggregator):
+# The GPU benchmarks, batched by phase for a lent GPU machine (a machine start costs minutes).
+# Build the bundle first on a machine with a package index (bash bench/gpu/make-bundle.sh), carry
+# .whl along, and run from the repository root on the GPU machine (bench/README.md):
 #   bash bench/gpu_session.sh single   # one GPU each: DeepSpeed (GPU 0) | optimizers, PEFT, aggregation (GPU 1)
 #   bash bench/gpu_session.sh ds1 ds collectives   # DeepSpeed on 1 GPU and on all, collectives and exchanges
 #   SIZES=20b,16b bash bench/gpu_session.sh largest  # ZeRO-3 + CPU offload, the first of SIZES that trains
@@ -9,15 +9,19 @@
 #   bash bench/gpu_session.sh compile_all     # torch.compile on every GPU (scaling against `compile`)
 #   bash bench/gpu_session.sh scaling         # compile_all's 1- and 2-GPU baselines, side by side on a 4+ GPU host
 #   bash bench/gpu_session.sh coding collectives4   # gradient coding across GPUs; aggregation + exchanges
-#   bash bench/gpu_session.sh gram gram_exchange   # Flag's Triton Gram kernel: GPU tests, sweep, rules; exchanges
+#   bash bench/gpu_session.sh gram gram_exchange   # Flag's Triton kernels: GPU tests, sweep, rules; exchanges
+# The Flag authors' code (hamidralmasi/FlagAggregator, not on a package index) is timed beside ours
+# only when FLAG_REF names a checkout of it (commit 1ae2c4536753a91f1726a229719bca177dd8ac7a),
+# carried along; without it the aggregation benches time our rules alone.
 # Each benchmark's output goes to $OUT/<name>.log (or ./gpu-logs) as it runs.
 set -u
 source .whl/install.sh || exit 1
-python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/extra/*.whl 2>/dev/null || true
+ref=()  # the authors' Flag code, when a checkout is carried
+if [ -n "${FLAG_REF:-}" ]; then ref=(--ref-path "$FLAG_REF"); fi
 out=${OUT:-gpu-logs}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/gpus.txt"
-python3 -c "import mlflow, ray, deepspeed, pydantic; print('imports ok')" > "$out/imports.txt" 2>&1
+python3 -c "import mlflow, ray, ray.train.torch, deepspeed, pydantic, fastapi; print('imports ok')" > "$out/imports.txt" 2>&1
 ngpu=$(wc -l < "$out/gpus.txt")
 run() {  # run NAME SECONDS CMD...: one benchmark, its output kept even if it times out
   local name=$1 secs=$2; shift 2
@@ -41,7 +45,7 @@ case "$phase" in
       run optimizers 240 python3 bench/gpu_optimizers.py --gap 100
       [ -n "${SKIP_PEFT:-}" ] || run peft 150 python3 bench/gpu_peft.py
       # the authors' Flag code fails in cuSOLVER's gesvdj at d >= 25M: 1M and 5M compare it
-      run aggregation_1gpu 150 python3 bench/gpu_aggregation.py --ref-path .ref/FlagAggregator --sizes 1e6 5e6 25e6 100e6
+      run aggregation_1gpu 150 python3 bench/gpu_aggregation.py ${ref[@]+"${ref[@]}"} --sizes 1e6 5e6 25e6 100e6
     }
     if [ "$ngpu" -gt 1 ]; then
       CUDA_VISIBLE_DEVICES=0 one &
@@ -58,7 +62,7 @@ case "$phase" in
     run deepspeed_${ngpu}gpu 290 python3 bench/gpu_deepspeed.py --gpus "$ngpu" --micro-batch 8
     ;;
   collectives)  # robust exchange and aggregation across every GPU
-    run aggregation_${ngpu}gpu 150 torchrun --nproc_per_node "$ngpu" bench/gpu_aggregation.py --ref-path .ref/FlagAggregator --sizes 1e6 5e6 25e6 100e6
+    run aggregation_${ngpu}gpu 150 torchrun --nproc_per_node "$ngpu" bench/gpu_aggregation.py ${ref[@]+"${ref[@]}"} --sizes 1e6 5e6 25e6 100e6
     run exchange_${ngpu}gpu 120 torchrun --nproc_per_node "$ngpu" bench/gpu_exchange.py --iters 5
     ;;
   compile)  # 1 GPU (micro 8 and 16) and 2 GPUs (micro 8), side by side on separate GPUs where there are 4+
@@ -88,7 +92,7 @@ case "$phase" in
         --methods wait_all gc --no-check --num-cpus 16 --object-store-gb 8
     done
     ;;
-  collectives4)  # as collectives, at the issue's sizes only (no reference: it fails at >= 25M)
+  collectives4)  # as collectives, at 25M and 100M only (no reference: it fails at >= 25M)
     run aggregation_${ngpu}gpu 150 torchrun --nproc_per_node "$ngpu" bench/gpu_aggregation.py --sizes 25e6 100e6
     run exchange_${ngpu}gpu 120 torchrun --nproc_per_node "$ngpu" bench/gpu_exchange.py --iters 5
     ;;
@@ -118,7 +122,7 @@ case "$phase" in
     done
     ;;
   largest)
-    # run13 (4 x H200, 504 GiB host): 20b trained; run5 (1 x H200, 252 GiB host): SIZES=13b,9b
+    # host memory bounds it: 20b trains on 4 x H200 (504 GiB host); on 1 x H200 (252 GiB host) use SIZES=13b,9b
     run largest 560 python3 bench/gpu_deepspeed.py --mode largest --sizes "${SIZES:-20b,16b,13b}" --micro-batch 1 --act-ckpt
     ;;
 esac

@@ -1,4 +1,4 @@
-"""Straggler mitigation on the parameter server (workers/parameter_server.py, real Ray actors and
+"""Straggler mitigation on the parameter server (workers/parameter_server/, real Ray actors and
 ``ray.wait``): wait-for-all, ignore-stragglers, gradient coding (Tandon et al. 2017) and
 sequential gradient coding (Krishnan et al. 2023), plus the decoding condition numbers.
 

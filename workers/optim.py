@@ -17,14 +17,14 @@ Closure = Callable[..., torch.Tensor]
 
 
 def build_optimizer(spec: ExperimentSpec, model: nn.Module, peft_handle: Any = None) -> torch.optim.Optimizer:
-    from algorithms.optimizers.registry import build_from_config
+    from algorithms.optimizers.registry import OPTIMIZERS
 
     assert spec.optimizer is not None
     if peft_handle is not None:
         params: Any = peft_handle.param_groups(model, spec.optimizer.lr)
     else:
         params = [p for p in model.parameters() if p.requires_grad]
-    return build_from_config(spec.optimizer, params)
+    return OPTIMIZERS.build(spec.optimizer, params)
 
 
 def optimizer_step(optimizer: Any, forward_backward: Closure, *, model: nn.Module, scaler: Any,
@@ -32,10 +32,7 @@ def optimizer_step(optimizer: Any, forward_backward: Closure, *, model: nn.Modul
     """One optimizer step; returns the (accumulated) loss of the batch."""
     if engine is not None:
         return engine.step(forward_backward)  # type: ignore[no-any-return]
-    if getattr(optimizer, "needs_closure", False):
-        if scaler is not None:
-            raise ValueError("fp16 loss scaling does not compose with closure-based optimizers (sam, adazo_sam, "
-                             "lorenza): use precision bf16 or fp32")
+    if getattr(optimizer, "needs_closure", False):  # the spec refuses fp16 (a loss scaler) for these
 
         def closure(backward: bool = True) -> torch.Tensor:
             loss = forward_backward(backward)

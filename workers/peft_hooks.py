@@ -1,5 +1,6 @@
-"""The worker's side of PEFT: apply the spec's method to the task's model, check that it fits the
-run's strategy, and feed the data-driven initialisations (EVA, CorDA, LoRA-SB, OwLore).
+"""The worker's side of PEFT: apply the spec's method to the task's model and feed the data-driven
+initialisations (EVA, CorDA, LoRA-SB, OwLore). Whether the method fits the run's strategy is the
+spec's business (its configs' rules, checked at submission).
 
 ``apply_peft(spec, model, task)`` returns ``(model, handle)``; the loop then calls the handle's
 hooks (``algorithms/peft/base.py`` documents the order) and ``workers.model_io.save_final_model``
@@ -15,21 +16,6 @@ import torch
 from torch import nn
 
 from service.spec import ExperimentSpec
-
-
-def check_strategy(spec: ExperimentSpec) -> None:
-    """A clear error for a method that cannot run with the spec's strategy (before any work);
-    the rules are the config's (``algorithms.peft.config``), so the spec can check them too."""
-    assert spec.peft is not None
-    dist = spec.distributed
-    zero = dist.deepspeed.zero_stage if dist.deepspeed is not None else None
-    try:
-        spec.peft.check_distributed(dist.strategy, zero, dist.num_workers)
-    except ValueError as exc:
-        raise ValueError(f"peft.name: {exc}") from None
-    if spec.peft.name == "lora_ggpo" and spec.train is not None and spec.train.precision == "fp16":
-        # its gradient-norm EMA would read the loss-scaled gradients (after_backward runs before unscale)
-        raise ValueError("peft.name: 'lora_ggpo' does not support precision fp16 (loss scaling): use bf16 or fp32")
 
 
 def model_inputs(task: Any, batch: Any) -> dict[str, Any]:
@@ -74,7 +60,6 @@ def apply_peft(spec: ExperimentSpec, model: nn.Module, task: Any) -> tuple[nn.Mo
 
     cfg = spec.peft
     assert cfg is not None
-    check_strategy(spec)
     n_init = int(getattr(cfg, "init_batches", 0) or 0)
     n_samples = int(getattr(cfg, "init_samples", 0) or 0)
     if n_samples and not n_init:  # LoRA-SB counts samples: enough batches to hold them

@@ -1,10 +1,10 @@
 """What the workers derive from a spec, derived in one place.
 
-``RunPlan.from_spec(spec)`` is the only place on the worker side where defaults that depend on
-other fields are filled in (the evaluation and checkpoint periods, default resources), where the
-ZeRO stage DeepSpeed's engine runs at is read, and where it is decided whether the robust gradient
-exchange runs (DeepSpeed's own all-reduce is turned off exactly when it does). Every consumer (the
-training loop, the strategies, the launcher, the sweep, the parameter server) reads the plan.
+``RunPlan.from_spec(spec)`` is the only place on the worker side that reads the values the
+control plane derived into the resolved spec (the evaluation and checkpoint periods, resources,
+whether the robust gradient exchange runs and in which layout: DeepSpeed's own all-reduce is
+turned off exactly when it does) and the ZeRO stage DeepSpeed's engine runs at. Every consumer
+(the training loop, the strategies, the launcher, the sweep, the parameter server) reads the plan.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from service.spec import ExperimentSpec
-from service.spec.deepspeed_rules import engine_stage, gradient_exchange
+from service.spec.deepspeed_rules import engine_stage
 from workers.cadence import Cadence
 from workers.faults import chosen_ranks
 
@@ -31,21 +31,18 @@ class RunPlan:
 
     @classmethod
     def from_spec(cls, spec: ExperimentSpec) -> RunPlan:
+        """The plan of a resolved spec: the values the control plane derived and stored with the
+        run (``ExperimentSpec.derived``), and the worker-side facts that follow from them."""
         train, dist, byz = spec.train, spec.distributed, spec.faults.byzantine
         assert train is not None, "a training spec (merges have no plan)"
-        exchange: ExchangeLayout | None = None
-        if dist.strategy != "parameter_server" and gradient_exchange(spec):
-            auto: ExchangeLayout = "shard" if dist.strategy == "deepspeed" else "gather"
-            exchange = auto if dist.exchange == "auto" else dist.exchange
-        flip = byz is not None and byz.attack.name == "label_flip"
+        derived = spec.derived()
+        flip = byz is not None and not byz.attacks_gradients
         return cls(
             strategy=dist.strategy,
             cadence=Cadence(max_steps=train.max_steps, log_every=train.log_every,
-                            eval_every=train.eval_every or train.max_steps,
-                            checkpoint_every=train.checkpoint_every or train.max_steps),
-            exchange=exchange,
+                            eval_every=derived.eval_every, checkpoint_every=derived.checkpoint_every),
+            exchange=None if derived.exchange == "none" else derived.exchange,
             zero_stage=engine_stage(spec) if dist.strategy == "deepspeed" else None,
-            resources_per_worker=dict(dist.resources_per_worker or {})
-            or {"CPU": 1.0, **({"GPU": 1.0} if dist.use_gpu else {})},
+            resources_per_worker=dict(derived.resources_per_worker),
             label_flip_ranks=frozenset(chosen_ranks(byz, dist.num_workers) if flip else []),
         )

@@ -20,9 +20,9 @@ from workers.faults import attack_generator, chosen_ranks
 def build_rule(spec: ExperimentSpec) -> Any:
     """The spec's aggregation rule (``mean`` when it names none)."""
     from algorithms.aggregation.config import MeanConfig
-    from algorithms.aggregation.registry import build_from_config
+    from algorithms.aggregation.registry import RULES
 
-    return build_from_config(spec.distributed.aggregator or MeanConfig(name="mean"))
+    return RULES.build(spec.distributed.aggregator or MeanConfig(name="mean"))
 
 
 class Liars:
@@ -33,10 +33,10 @@ class Liars:
         self.spec = spec.faults.byzantine
         self.ranks = chosen_ranks(self.spec, world)
         self.attack: Any = None
-        if self.spec is not None and self.spec.attack.name != "label_flip" and self.ranks:
-            from algorithms.aggregation.attacks import build_attack_from_config
+        if self.spec is not None and self.ranks:
+            from algorithms.aggregation.attacks import ATTACKS
 
-            self.attack = build_attack_from_config(self.spec.attack)
+            self.attack = ATTACKS.build(self.spec.attack)  # None for a data attack (label_flip)
 
     def among(self, workers: list[int]) -> list[int]:
         """The positions in ``workers`` of those who send attacked gradients."""

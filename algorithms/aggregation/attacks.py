@@ -4,7 +4,8 @@ The liars are omniscient, as in the papers: their rows are computed from the hon
 same step. Every attack is coordinate-wise in the honest rows, so it can be applied to any
 block of coordinates (a bucket, a shard) and gives the same rows as on the whole vector (the
 Gaussian one draws fresh noise per block, from the generator it is given). ``label_flip`` is not
-a gradient attack: the liars train on flipped labels (the task does it), so there is no function.
+a gradient attack (its config's ``ACTS_ON`` is "data"): the liars train on flipped labels (the
+task does it), so ``ATTACKS.build`` gives no function for it.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from statistics import NormalDist
-from typing import Any
 
 import torch
 from torch import Tensor
+
+from algorithms.aggregation import config as C
+from algorithms.registry import Registry
 
 AttackFn = Callable[[Tensor, int, torch.Generator], Tensor]
 
@@ -98,31 +101,40 @@ def ipm(epsilon: float = 0.1) -> AttackFn:
     return attack
 
 
-_ATTACKS: dict[str, Callable[..., AttackFn]] = {
-    "sign_flip": sign_flip,
-    "gaussian": gaussian,
-    "uniform": uniform,
-    "alie": alie,
-    "ipm": ipm,
-}
+ATTACKS: Registry[C.AttackBase, AttackFn | None] = Registry("attack", C.AttackBase)
+build_attack = ATTACKS.build_named
+known = ATTACKS.names
 
 
-def known() -> list[str]:
-    return sorted(_ATTACKS)
+@ATTACKS.register(C.SignFlipAttack)
+def _sign_flip(cfg: C.SignFlipAttack) -> AttackFn:
+    return sign_flip(cfg.scale)
 
 
-def build_attack(name: str, **params: Any) -> AttackFn:
-    if name == "label_flip":
-        raise ValueError("label_flip is a data attack (the liars train on flipped labels); "
-                         "it has no gradient function")
-    if name not in _ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; known: {', '.join(known())}, label_flip")
-    return _ATTACKS[name](**params)
+@ATTACKS.register(C.GaussianAttack)
+def _gaussian(cfg: C.GaussianAttack) -> AttackFn:
+    return gaussian(cfg.std)
 
 
-def build_attack_from_config(cfg: Any) -> AttackFn:
-    """From a validated ``AttackConfig`` (see ``config.py``)."""
-    return build_attack(cfg.name, **cfg.model_dump(exclude={"name"}))
+@ATTACKS.register(C.UniformAttack)
+def _uniform(cfg: C.UniformAttack) -> AttackFn:
+    return uniform(cfg.low, cfg.high)
+
+
+@ATTACKS.register(C.ALIEAttack)
+def _alie(cfg: C.ALIEAttack) -> AttackFn:
+    return alie(cfg.z)
+
+
+@ATTACKS.register(C.IPMAttack)
+def _ipm(cfg: C.IPMAttack) -> AttackFn:
+    return ipm(cfg.epsilon)
+
+
+@ATTACKS.register(C.LabelFlipAttack)
+def _label_flip(cfg: C.LabelFlipAttack) -> None:
+    """A data attack: the liars send honest gradients of flipped labels; no gradient function."""
+    return None
 
 
 def flip_labels(y: Tensor, num_classes: int) -> Tensor:

@@ -1,10 +1,12 @@
 """Aggregation rules and Byzantine attacks: hyperparameters only (no torch import here).
 
 Every robust rule takes ``f``, the number of Byzantine workers it tolerates; ``validate_for(n)``
-refuses an ``f`` the rule cannot tolerate with ``n`` workers.
+refuses an ``f`` the rule cannot tolerate with ``n`` workers. ``ROBUST`` says whether a rule
+needs every worker's whole gradient (the plain mean does not: an all-reduce computes it), and an
+attack's ``ACTS_ON`` whether the liars rewrite their gradients or train on poisoned data.
 """
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -12,6 +14,9 @@ from algorithms._config import StrictModel
 
 
 class RuleBase(StrictModel):
+    DISCRIMINATOR: ClassVar[str] = "name"
+    ROBUST: ClassVar[bool] = True
+
     name: str
     f: int = Field(default=0, ge=0)
 
@@ -28,6 +33,8 @@ class RuleBase(StrictModel):
 
 
 class MeanConfig(RuleBase):
+    ROBUST: ClassVar[bool] = False
+
     name: Literal["mean"]
 
     def max_f(self, n: int) -> int:
@@ -111,17 +118,26 @@ AggregatorConfig = Annotated[
 ]
 
 
-class SignFlipAttack(StrictModel):
+class AttackBase(StrictModel):
+    DISCRIMINATOR: ClassVar[str] = "name"
+    # "gradients": the liars' rows of the exchange are computed from the honest rows;
+    # "data": the liars compute honest gradients of poisoned data (the task poisons it).
+    ACTS_ON: ClassVar[Literal["gradients", "data"]] = "gradients"
+
+    name: str
+
+
+class SignFlipAttack(AttackBase):
     name: Literal["sign_flip"]
     scale: float = Field(default=1.0, gt=0.0)
 
 
-class GaussianAttack(StrictModel):
+class GaussianAttack(AttackBase):
     name: Literal["gaussian"]
     std: float = Field(default=1.0, gt=0.0)
 
 
-class UniformAttack(StrictModel):
+class UniformAttack(AttackBase):
     """Every liar sends U[low, high) noise (the Flag authors' "random" attack is U[0, 1))."""
 
     name: Literal["uniform"]
@@ -135,19 +151,21 @@ class UniformAttack(StrictModel):
         return self
 
 
-class ALIEAttack(StrictModel):
+class ALIEAttack(AttackBase):
     """A little is enough (Baruch et al. 2019): every liar sends mean - z * std of the honest rows."""
 
     name: Literal["alie"]
     z: float | None = Field(default=None, description="deviations; default from the paper's formula")
 
 
-class IPMAttack(StrictModel):
+class IPMAttack(AttackBase):
     name: Literal["ipm"]
     epsilon: float = Field(default=0.1, gt=0.0)
 
 
-class LabelFlipAttack(StrictModel):
+class LabelFlipAttack(AttackBase):
+    ACTS_ON: ClassVar[Literal["gradients", "data"]] = "data"
+
     name: Literal["label_flip"]
 
 

@@ -39,7 +39,7 @@ from algorithms.aggregation.base import LinearRule
 _RANK_TOL = 1e-9  # eigenvalues of the normalised Gram below this (relative) are numerical noise
 # Flag's Gram is of the raw rows (no centred copy of a block), so its blocks can be large: on one H200,
 # n = 16, 64M-coordinate blocks took 3.4 / 8.9 ms at d = 25M / 100M against 4.0 / 11.0 ms with the
-# default 4M (bench/results/gpu/run8-flag_profile.log).
+# default 4M (`bench/gpu_aggregation.py --profile flag`, 2026-11-26, before the Triton kernels).
 FLAG_CHUNK = 1 << 26
 
 

@@ -3,8 +3,8 @@ Gram matrix ``X X^T`` (Flag's statistic) and the combination ``c^T X`` (every li
 
 **Gram.** ``X X^T`` for ``X`` of ``n x d`` with ``n`` of 2-64 workers and ``d`` in the millions is a
 GEMM with a tiny output and a huge reduction. cuBLAS picks a small-N SIMT kernel for it that reads
-``X`` at about 1 TB/s on an H200 (70% of Flag's time, ``bench/results/gpu/run8-flag_profile.log``); a
-Triton kernel built on ``tl.dot`` (tensor-core tiles of 16 rows) did no better (run14, RESULTS.md).
+``X`` at about 1 TB/s on an H200 (70% of Flag's time in ``bench/gpu_aggregation.py --profile flag``); a
+Triton kernel built on ``tl.dot`` (tensor-core tiles of 16 rows) did no better (commit ac5c352).
 This one does no matrix product at all: the rows are split into blocks of ``RB`` rows, and one
 program per (pair of row blocks ``a <= b``, stretch of ``SPAN`` coordinates) loads the two blocks'
 ``[RB, BLOCK]`` tiles and accumulates the elementwise products ``x_i[k] * x_j[k]`` of every row pair
@@ -44,8 +44,8 @@ except ImportError:  # the CPU-only install may lack Triton: the rules use torch
 
 ENABLED = True  # the benchmarks turn this off to time torch's path on the same GPU
 MAX_ROWS = 64
-# The defaults won `bench/gpu_aggregation.py --gram-sweep` on an H200 (run15, run17): for n = 16 the Gram
-# takes 0.89 / 3.12 ms at d = 25M / 100M (1.8-2.0 TB/s; cuBLAS bmm 1.60 / 5.86 ms, run18); n = 2 and 4 read
+# The defaults won `bench/gpu_aggregation.py --gram-sweep` on an H200 (2026-11-26): for n = 16 the Gram
+# takes 0.89 / 3.12 ms at d = 25M / 100M (1.8-2.0 TB/s; cuBLAS bmm 1.60 / 5.86 ms; bench/RESULTS.md); n = 2 and 4 read
 # at 2.3-2.5 TB/s at 100M. Row blocks of 16 (256 accumulators a thread) spill registers and run 2-30x slower.
 ROW_BLOCK = 8  # rows per block: RB x RB x (columns per thread) accumulators per thread
 BLOCK = 128  # coordinates per tile (one per thread at 4 warps)

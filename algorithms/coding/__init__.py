@@ -12,8 +12,7 @@ from typing import Any
 
 _LAZY = {
     "build": "algorithms.coding.registry",
-    "build_from_config": "algorithms.coding.registry",
-    "register": "algorithms.coding.registry",
+    "CODES": "algorithms.coding.registry",
     "known": "algorithms.coding.registry",
     "decode_gradient": "algorithms.coding.decode",
     "decode_job": "algorithms.coding.decode",

@@ -7,7 +7,7 @@ stragglers in any ``window`` (W) consecutive rounds, each straggling within a bu
 ``burst`` (B) consecutive rounds -- and the delay ``T`` (rounds a job may take) follows from them.
 """
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -15,6 +15,13 @@ from algorithms._config import StrictModel
 
 
 class CodeBase(StrictModel):
+    DISCRIMINATOR: ClassVar[str] = "scheme"
+    # Round-based (a job's parts arrive over several rounds) rather than one-shot.
+    SEQUENTIAL: ClassVar[bool] = False
+    # Every worker's message is an unbiased estimate of the full gradient (unit weights, whole
+    # parts), so a robust rule can compare messages; other codes mix parts with signed weights.
+    MESSAGES_ESTIMATE_THE_GRADIENT: ClassVar[bool] = False
+
     scheme: str
     stragglers: int = Field(default=1, ge=0, description="s (one-shot) or lambda (sequential)")
 
@@ -33,6 +40,8 @@ class CodeBase(StrictModel):
 
 
 class FractionalRepetitionConfig(CodeBase):
+    MESSAGES_ESTIMATE_THE_GRADIENT: ClassVar[bool] = True
+
     scheme: Literal["fractional_repetition"]
 
     def validate_for(self, n: int) -> None:
@@ -51,6 +60,8 @@ class CyclicRepetitionConfig(CodeBase):
 
 
 class _SequentialBase(CodeBase):
+    SEQUENTIAL: ClassVar[bool] = True
+
     burst: int = Field(default=1, ge=1, le=64, description="B: longest straggler burst (rounds)")
     window: int = Field(default=2, ge=2, le=64, description="W: window of the bursty model")
     seed: int = Field(default=0, ge=0, description="no effect (the codes are deterministic); kept so that "

@@ -2,7 +2,7 @@
 
 Usage in a parameter-server step with a one-shot code::
 
-    code = build_from_config(cfg, n_workers)
+    code = CODES.build(cfg, n_workers)
     # worker i computes  sum_j code.B[i, j] * grad(part j)   (see ``code.parts(i)``)
     arrived = {}                                  # worker -> coded gradient (flat tensor)
     ...  # ray.wait until len(arrived) >= n - s, put results in `arrived`

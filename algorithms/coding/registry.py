@@ -1,61 +1,48 @@
-"""Registry of gradient codes: one dict name -> builder.
+"""Registry of gradient codes: config class -> builder of a code for ``n_workers``.
 
-``build(scheme, n_workers, n_stragglers, **params)`` returns a :class:`GradientCode` for the
-one-shot schemes and a :class:`SequentialCode` (round-based) for the sequential ones; for the
-latter ``n_stragglers`` is ``lambda`` of the (B, W, lambda)-bursty model and ``params`` carries
-``burst`` (B) and ``window`` (W).
+``CODES.build(cfg, n_workers)`` (``n_jobs``, the rounds a sequential code plans for, may follow)
+returns a :class:`GradientCode` for the one-shot schemes and a :class:`SequentialCode`
+(round-based) for the sequential ones, whose ``stragglers`` is ``lambda`` of the
+(B, W, lambda)-bursty model with ``burst`` (B) and ``window`` (W). The spec has already checked
+the code against its number of workers (``CodeBase.validate_for``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
+from algorithms.coding import config as C
 from algorithms.coding.base import GradientCode, SequentialCode
-from algorithms.coding.config import CodeBase
 from algorithms.coding.multiplexed import MultiplexedSGC
 from algorithms.coding.repetition import CyclicRepetition, FractionalRepetition
 from algorithms.coding.sequential import SelectiveRepeatSGC
+from algorithms.registry import Registry
 
 Code = GradientCode | SequentialCode
-Builder = Callable[..., Any]
-
-_REGISTRY: dict[str, Builder] = {}
-
-
-def register(name: str, builder: Builder) -> None:
-    if name in _REGISTRY:
-        raise ValueError(f"gradient code {name!r} is already registered")
-    _REGISTRY[name] = builder
+CODES: Registry[C.CodeBase, Code] = Registry("gradient code", C.CodeBase)
+known = CODES.names
 
 
-def known() -> list[str]:
-    return sorted(_REGISTRY)
+def build(scheme: str, n_workers: int, n_stragglers: int, n_jobs: int | None = None, **fields: Any) -> Code:
+    """``CODES.build`` from a scheme name, ``s`` (or ``lambda``) and the config's other fields."""
+    return CODES.build(CODES.config(scheme, stragglers=n_stragglers, **fields), n_workers, n_jobs)
 
 
-def build(scheme: str, n_workers: int, n_stragglers: int, **params: Any) -> Code:
-    if scheme not in _REGISTRY:
-        raise ValueError(f"unknown gradient code {scheme!r}; known: {', '.join(known())}")
-    code: Code = _REGISTRY[scheme](n_workers, n_stragglers, **params)
-    return code
+@CODES.register(C.FractionalRepetitionConfig)
+def _fractional(cfg: C.FractionalRepetitionConfig, n_workers: int, n_jobs: int | None = None) -> Code:
+    return FractionalRepetition(n_workers, cfg.stragglers)
 
 
-def build_from_config(cfg: CodeBase, n_workers: int) -> Code:
-    """Build from a validated ``CodingConfig`` (see ``config.py``); checks ``n`` first."""
-    cfg.validate_for(n_workers)
-    # patience is the server's; seed no longer changes the (deterministic) codes
-    params = cfg.model_dump(exclude={"scheme", "stragglers", "patience", "seed"})
-    return build(cfg.scheme, n_workers, cfg.stragglers, **params)
+@CODES.register(C.CyclicRepetitionConfig)
+def _cyclic(cfg: C.CyclicRepetitionConfig, n_workers: int, n_jobs: int | None = None) -> Code:
+    return CyclicRepetition(n_workers, cfg.stragglers)
 
 
-def _sequential(cls: type) -> Builder:
-    def make(n: int, lam: int, burst: int = 1, window: int = 2, n_jobs: int | None = None) -> Any:
-        return cls(n, burst, window, lam, n_jobs=n_jobs)
-
-    return make
+@CODES.register(C.SequentialGCConfig)
+def _sequential_gc(cfg: C.SequentialGCConfig, n_workers: int, n_jobs: int | None = None) -> Code:
+    return SelectiveRepeatSGC(n_workers, cfg.burst, cfg.window, cfg.stragglers, n_jobs=n_jobs)
 
 
-register("fractional_repetition", FractionalRepetition)
-register("cyclic_repetition", CyclicRepetition)
-register("sequential_gc", _sequential(SelectiveRepeatSGC))
-register("multiplexed_sgc", _sequential(MultiplexedSGC))
+@CODES.register(C.MultiplexedSGCConfig)
+def _multiplexed_sgc(cfg: C.MultiplexedSGCConfig, n_workers: int, n_jobs: int | None = None) -> Code:
+    return MultiplexedSGC(n_workers, cfg.burst, cfg.window, cfg.stragglers, n_jobs=n_jobs)

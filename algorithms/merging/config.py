@@ -6,7 +6,7 @@ field is a hyperparameter of the method and goes to ``algorithms.merging.build``
 (see ``MergeBase.hparams``).
 """
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -31,6 +31,8 @@ class MergeData(StrictModel):
 
 
 class MergeBase(StrictModel):
+    DISCRIMINATOR: ClassVar[str] = "method"
+
     method: str
     inputs: list[str] = Field(
         min_length=2, description="run ids, MLflow model URIs (runs:/, models:/) or local paths"

@@ -1,10 +1,13 @@
 """Hyperparameters of every optimizer, one pydantic model each (no torch import here).
 
 The spec's ``optimizer`` section is ``OptimizerConfig``: a union discriminated by ``name``, so an
-unknown name is refused with the list of known ones.
+unknown name is refused with the list of known ones. What an optimizer needs from the run is
+declared on its config (class attributes), and the spec's rules ask the config:
+``NEEDS_CLOSURE`` (its step re-runs forward and backward), ``PROJECTS_MATRICES`` (it keeps state
+per whole weight matrix), and from these the strategies, ZeRO stages and precisions it runs under.
 """
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
@@ -14,12 +17,67 @@ Betas = tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge
 
 
 class OptimizerBase(StrictModel):
+    DISCRIMINATOR: ClassVar[str] = "name"
+    # step(closure) re-runs forward and backward on perturbed weights: the weights the forward
+    # pass reads must be whole and local, and the gradients the plain (unscaled) ones.
+    NEEDS_CLOSURE: ClassVar[bool] = False
+    # Per-matrix projections of the gradient: state kept per whole 2-D parameter.
+    PROJECTS_MATRICES: ClassVar[bool] = False
+
     name: str
     lr: float = Field(gt=0.0, le=10.0)
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
 
-    def check_distributed(self, strategy: str, zero_stage: int | None) -> None:
-        """Raise ValueError when this optimizer cannot run under the strategy / ZeRO stage."""
+    @classmethod
+    def strategies(cls) -> tuple[str, ...]:
+        """The distributed strategies that can run this optimizer (the parameter server steps
+        once per decoded gradient and has no forward pass to re-run)."""
+        return ("ddp", "deepspeed") if cls.NEEDS_CLOSURE else ("ddp", "deepspeed", "parameter_server")
+
+    @classmethod
+    def zero_stages(cls) -> tuple[int, ...]:
+        """The ZeRO stages it runs under with strategy deepspeed.
+
+        Projections keep whole matrices: stages 1 and 2 run as whole-matrix optimizer-state
+        partitioning (``algorithms.optimizers.partitioned.PartitionedOptimizer``: each rank owns
+        whole parameters, keeps optimizer state only for those, and broadcasts the updated
+        weights), which gives the same memory saving; stage 3 also shards the parameters, so no
+        rank holds a whole matrix outside the forward and backward passes. A closure needs every
+        weight whole and local: stage 0 only (unless it projects, and is partitioned as above).
+        """
+        if cls.PROJECTS_MATRICES:
+            return (0, 1, 2)
+        if cls.NEEDS_CLOSURE:
+            return (0,)
+        return (0, 1, 2, 3)
+
+    @classmethod
+    def tolerates_loss_scaling(cls) -> bool:
+        """fp16 needs a loss scaler, which unscales once per step: a closure's extra backward
+        passes would hand the optimizer scaled gradients."""
+        return not cls.NEEDS_CLOSURE
+
+    def whole_params_reason(self) -> str | None:
+        """Why this optimizer needs whole parameters and gradients on every rank, or None."""
+        if self.PROJECTS_MATRICES:
+            return f"optimizer {self.name!r} projects each gradient matrix as a whole"
+        if self.NEEDS_CLOSURE:
+            return f"optimizer {self.name!r} re-runs forward and backward on perturbed weights inside its step"
+        return None
+
+    def check_distributed(self, strategy: str, zero_stage: int | None, precision: str) -> None:
+        """Raise ValueError when this optimizer cannot run under the strategy / ZeRO stage / precision."""
+        if strategy not in self.strategies():
+            raise ValueError(f"needs extra forward passes inside its step, which strategy {strategy} does not "
+                             f"run: use strategy {' or '.join(self.strategies())}")
+        if strategy == "deepspeed" and zero_stage is not None and zero_stage not in self.zero_stages():
+            raise ValueError(
+                f"{self.whole_params_reason()}, which ZeRO stage {zero_stage} splits across ranks: use deepspeed "
+                f"zero_stage {', '.join(map(str, self.zero_stages()))} or strategy ddp"
+            )
+        if precision == "fp16" and not self.tolerates_loss_scaling():
+            raise ValueError("fp16 loss scaling does not compose with an optimizer that re-runs backward "
+                             "inside its step (the scaler unscales once): use train.precision bf16 or fp32")
 
 
 class AdamWConfig(OptimizerBase):
@@ -44,22 +102,7 @@ class LowRankMixin(StrictModel):
         "leaves them as they are (what galore-torch and DCTAdamW(rotate_subspace=False) do)",
     )
 
-    def check_distributed(self, strategy: str, zero_stage: int | None) -> None:
-        """Projections act on whole matrices, so ZeRO's flat partitions cannot hold them.
-
-        ZeRO stages 1 and 2 (optimizer-state, and gradient, partitioning) are run as whole-matrix
-        partitioning instead (``algorithms.optimizers.partitioned.PartitionedOptimizer``: each rank
-        owns whole parameters, keeps optimizer state only for those, and broadcasts the updated
-        weights), which gives the same memory saving for the optimizer state. ZeRO stage 3 also
-        shards the parameters themselves, so no rank holds a whole matrix outside the forward and
-        backward passes: rejected.
-        """
-        if strategy == "deepspeed" and zero_stage == 3:
-            raise ValueError(
-                "per-matrix projections need whole parameters, which ZeRO stage 3 shards: use "
-                "deepspeed zero_stage 0, 1 or 2 (stages 1 and 2 run as whole-matrix optimizer-state "
-                "partitioning: each rank owns whole matrices) or strategy ddp"
-            )
+    PROJECTS_MATRICES: ClassVar[bool] = True
 
 
 class GaLoreConfig(LowRankMixin, OptimizerBase):
@@ -86,6 +129,7 @@ class DCTConfig(LowRankMixin, OptimizerBase):
 
 
 class ZerothOrderMixin(StrictModel):
+    NEEDS_CLOSURE: ClassVar[bool] = True
     rho: float = Field(default=0.05, gt=0.0)
     mu: float = Field(default=1e-3, gt=0.0)
     n_directions: int = Field(default=1, ge=1, le=1024)
@@ -120,6 +164,8 @@ class DiffGradConfig(OptimizerBase):
 
 
 class SAMConfig(OptimizerBase):
+    NEEDS_CLOSURE: ClassVar[bool] = True
+
     name: Literal["sam"]
     rho: float = Field(default=0.05, gt=0.0)
     base: Literal["sgd", "adamw"] = "sgd"

@@ -70,7 +70,7 @@ class PartitionedOptimizer(torch.optim.Optimizer):
         params: parameters or parameter groups (dicts with ``"params"`` and hyperparameters), the same
             on every rank and in the same order.
         build_inner: builds the real optimizer from a list of parameter groups; it is called with only
-            this rank's parameters, e.g. ``lambda groups: build_from_config(cfg, groups)``.
+            this rank's parameters, e.g. ``lambda groups: OPTIMIZERS.build(cfg, groups)``.
         group: the data-parallel process group (default: the whole world). Without an initialised
             process group this is a thin pass-through (world of one).
     """

@@ -1,106 +1,81 @@
-"""Optimizer registry: ``build(name, params, **hparams)`` and ``build_from_config(cfg, params)``.
+"""Optimizer registry: config class -> builder of a ``torch.optim.Optimizer`` over ``params``.
 
-Hyperparameters are validated by the pydantic model of that optimizer (``config.py``) before the
-optimizer is built, so ``build`` refuses what the spec would refuse. Closure-based optimizers
-(``needs_closure = True``: sam, adazo_sam, lorenza) take the worker loop's
+``OPTIMIZERS.build(cfg, params)`` builds from the spec's validated config; ``build(name, params,
+**fields)`` from a name and fields (validated once, by the config). Builders pass the config's
+fields on: defaults and bounds live in ``config.py``. Closure-based optimizers (their config's
+``NEEDS_CLOSURE``: sam, adazo_sam, lorenza) take the worker loop's
 ``forward_backward(backward: bool) -> loss`` in ``step``.
 """
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from algorithms.optimizers import config as C
+from algorithms.registry import Registry, fields_of
 
-Builder = Callable[..., torch.optim.Optimizer]
-_REGISTRY: dict[str, Builder] = {}
-
-
-def register(name: str, builder: Builder) -> None:
-    if name in _REGISTRY:
-        raise ValueError(f"optimizer {name!r} is already registered")
-    _REGISTRY[name] = builder
+Params = Iterable[Any]
+OPTIMIZERS: Registry[C.OptimizerBase, torch.optim.Optimizer] = Registry("optimizer", C.OptimizerBase)
+build = OPTIMIZERS.build_named
+names = OPTIMIZERS.names
 
 
-def names() -> list[str]:
-    return sorted(_REGISTRY)
+@OPTIMIZERS.register(C.AdamWConfig)
+def _adamw(cfg: C.AdamWConfig, params: Params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-def build(name: str, params: Iterable[Any], **hparams: Any) -> torch.optim.Optimizer:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown optimizer {name!r}; known: {sorted(_REGISTRY)}")
-    return _REGISTRY[name](params, **hparams)
+@OPTIMIZERS.register(C.SGDConfig)
+def _sgd(cfg: C.SGDConfig, params: Params) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
 
 
-def build_from_config(cfg: C.OptimizerBase, params: Iterable[Any]) -> torch.optim.Optimizer:
-    return build(cfg.name, params, **cfg.model_dump(exclude={"name"}))
-
-
-def _validated(cls: type[C.OptimizerBase], name: str, h: dict[str, Any]) -> dict[str, Any]:
-    return cls(name=name, **h).model_dump(exclude={"name"})
-
-
-def _adamw(params: Iterable[Any], **h: Any) -> torch.optim.Optimizer:
-    c = _validated(C.AdamWConfig, "adamw", h)
-    return torch.optim.AdamW(params, lr=c["lr"], betas=tuple(c["betas"]), eps=c["eps"],
-                             weight_decay=c["weight_decay"])
-
-
-def _sgd(params: Iterable[Any], **h: Any) -> torch.optim.Optimizer:
-    c = _validated(C.SGDConfig, "sgd", h)
-    return torch.optim.SGD(params, lr=c["lr"], momentum=c["momentum"], nesterov=c["nesterov"],
-                           weight_decay=c["weight_decay"])
-
-
-def _galore(params: Iterable[Any], **h: Any) -> torch.optim.Optimizer:
+@OPTIMIZERS.register(C.GaLoreConfig)
+def _galore(cfg: C.GaLoreConfig, params: Params) -> torch.optim.Optimizer:
     from algorithms.optimizers.galore import GaLore
 
-    return GaLore(params, **_validated(C.GaLoreConfig, "galore", h))
+    return GaLore(params, **fields_of(cfg))
 
 
-def _dct(params: Iterable[Any], **h: Any) -> torch.optim.Optimizer:
+@OPTIMIZERS.register(C.DCTConfig)
+def _dct(cfg: C.DCTConfig, params: Params) -> torch.optim.Optimizer:
     from algorithms.optimizers.dct import DCT
 
-    return DCT(params, **_validated(C.DCTConfig, "dct", h))
+    return DCT(params, **fields_of(cfg))
 
 
-def _adazo_sam(params: Iterable[Any], **h: Any) -> torch.optim.Optimizer:
+@OPTIMIZERS.register(C.AdaZoSAMConfig)
+def _adazo_sam(cfg: C.AdaZoSAMConfig, params: Params) -> torch.optim.Optimizer:
     from algorithms.optimizers.adazo_sam import AdaZoSAM
 
-    return AdaZoSAM(params, **_validated(C.AdaZoSAMConfig, "adazo_sam", h))
+    return AdaZoSAM(params, **fields_of(cfg))
 
 
-def _lorenza(params: Iterable[Any], **h: Any) -> torch.optim.Optimizer:
+@OPTIMIZERS.register(C.LorenzaConfig)
+def _lorenza(cfg: C.LorenzaConfig, params: Params) -> torch.optim.Optimizer:
     from algorithms.optimizers.lorenza import Lorenza
 
-    return Lorenza(params, **_validated(C.LorenzaConfig, "lorenza", h))
+    return Lorenza(params, **fields_of(cfg))
 
 
-def _sam(params: Iterable[Any], **h: Any) -> torch.optim.Optimizer:
+@OPTIMIZERS.register(C.SAMConfig)
+def _sam(cfg: C.SAMConfig, params: Params) -> torch.optim.Optimizer:
     from algorithms.optimizers.sam import SAM
 
-    return SAM(params, **_validated(C.SAMConfig, "sam", h))
+    return SAM(params, **fields_of(cfg))
 
 
-def _lamb(params: Iterable[Any], **h: Any) -> torch.optim.Optimizer:
+@OPTIMIZERS.register(C.LambConfig)
+def _lamb(cfg: C.LambConfig, params: Params) -> torch.optim.Optimizer:
     from algorithms.optimizers.library import lamb
 
-    return lamb(params, **_validated(C.LambConfig, "lamb", h))
+    return lamb(params, **fields_of(cfg))
 
 
-def _diffgrad(params: Iterable[Any], **h: Any) -> torch.optim.Optimizer:
+@OPTIMIZERS.register(C.DiffGradConfig)
+def _diffgrad(cfg: C.DiffGradConfig, params: Params) -> torch.optim.Optimizer:
     from algorithms.optimizers.library import diffgrad
 
-    return diffgrad(params, **_validated(C.DiffGradConfig, "diffgrad", h))
-
-
-register("adamw", _adamw)
-register("sgd", _sgd)
-register("galore", _galore)
-register("dct", _dct)
-register("adazo_sam", _adazo_sam)
-register("lorenza", _lorenza)
-register("sam", _sam)
-register("lamb", _lamb)
-register("diffgrad", _diffgrad)
+    return diffgrad(params, **fields_of(cfg))

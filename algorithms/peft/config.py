@@ -1,40 +1,50 @@
 """PEFT methods: hyperparameters only (no torch import here).
 
-Each model's fields (less ``name``) are the keyword arguments of the method's builder in
-``registry.py``; the papers each follows are named in the method modules.
+Each model's fields (less ``name``) are what the method's builder in ``registry.py`` passes on;
+the papers each follows are named in the method modules. What a method needs from the run is
+declared on its config (class attributes), and the spec's rules ask the config.
 """
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal, get_args
 
 from pydantic import Field, model_validator
 
 from algorithms._config import StrictModel
 
-# Methods whose hooks only initialise: DeepSpeed (ZeRO 0-2) can own their parameters and step.
-# The others read or rewrite whole weights or gradients of single tensors, or their optimizer
-# step (ALLoRA, OwLore), which ZeRO partitions; LISA/OwLore change the trainable set while
-# training, which DDP fixes when it wraps the model.
-DEEPSPEED_OK = frozenset({"lora", "eva", "corda", "lora_sb"})
-SINGLE_WORKER = frozenset({"lisa", "owlore"})
 
+class PeftBase(StrictModel):
+    DISCRIMINATOR: ClassVar[str] = "name"
+    # Hooks that only initialise let DeepSpeed (ZeRO 0-2) own the parameters and the step; a
+    # method that reads or rewrites whole weights or gradients of single tensors, or hooks the
+    # optimizer step (ALLoRA, OwLore), does not survive ZeRO's partitions.
+    RUNS_UNDER_DEEPSPEED: ClassVar[bool] = False
+    # Edits gradients or weights between backward and the step, or changes which parameters are
+    # trainable from step to step (DeepSpeed then needs whole parameters on every rank).
+    EDITS_GRADIENTS: ClassVar[bool] = False
+    # Changes the trainable set while training, which DDP fixes when it wraps the model.
+    CHANGES_TRAINABLE_SET: ClassVar[bool] = False
+    # Reads gradients after backward, before a loss scaler would unscale them.
+    TOLERATES_LOSS_SCALING: ClassVar[bool] = True
 
-class _DistributedRules(StrictModel):
     name: str
 
-    def check_distributed(self, strategy: str, zero_stage: int | None, num_workers: int) -> None:
-        """Raise ValueError when this method cannot run under the strategy / ZeRO stage / workers."""
-        if strategy == "deepspeed" and self.name not in DEEPSPEED_OK:
+    def check_distributed(self, strategy: str, zero_stage: int | None, num_workers: int, precision: str) -> None:
+        """Raise ValueError when this method cannot run under the strategy / ZeRO stage / workers / precision."""
+        if strategy == "deepspeed" and not self.RUNS_UNDER_DEEPSPEED:
             raise ValueError(f"{self.name!r} needs strategy ddp (with deepspeed use one of "
-                             f"{', '.join(sorted(DEEPSPEED_OK))})")
+                             f"{', '.join(deepspeed_methods())})")
         if strategy == "deepspeed" and zero_stage == 3:
             raise ValueError("peft with ZeRO stage 3 is not supported: the adapter is saved from the "
                              "unpartitioned model (use zero_stage 0-2)")
-        if self.name in SINGLE_WORKER and num_workers > 1:
+        if self.CHANGES_TRAINABLE_SET and num_workers > 1:
             raise ValueError(f"{self.name!r} changes the trainable layers as it trains, which DDP does "
                              "not allow: use num_workers 1")
+        if precision == "fp16" and not self.TOLERATES_LOSS_SCALING:
+            raise ValueError(f"{self.name!r} does not support precision fp16 (loss scaling: it reads the "
+                             "gradients before they are unscaled): use bf16 or fp32")
 
 
-class LoRABase(_DistributedRules):
+class LoRABase(PeftBase):
     name: str
     r: int = Field(default=8, ge=1, le=4096)
     alpha: float = Field(default=16.0, gt=0.0)
@@ -44,22 +54,32 @@ class LoRABase(_DistributedRules):
 
 
 class LoRAConfig(LoRABase):
+    RUNS_UNDER_DEEPSPEED: ClassVar[bool] = True
+
     name: Literal["lora"]
 
 
 class EVAConfig(LoRABase):
+    RUNS_UNDER_DEEPSPEED: ClassVar[bool] = True
+
     name: Literal["eva"]
     rho: float = Field(default=2.0, ge=1.0)
     init_batches: int = Field(default=4, ge=1)
 
 
 class CorDAConfig(LoRABase):
+    RUNS_UNDER_DEEPSPEED: ClassVar[bool] = True
+
     name: Literal["corda"]
     mode: Literal["ipm", "kpm"] = "ipm"
     init_batches: int = Field(default=4, ge=1)
 
 
 class LoRAGGPOConfig(LoRABase):
+    EDITS_GRADIENTS: ClassVar[bool] = True
+    # its gradient-norm EMA would read the loss-scaled gradients (after_backward runs before unscale)
+    TOLERATES_LOSS_SCALING: ClassVar[bool] = False
+
     name: Literal["lora_ggpo"]
     rho: float = Field(default=0.05, gt=0.0, description=(
         "perturbation radius: eps = -rho * v / ||v|| * min(10, 1/gbar), v the optimizer momentum in "
@@ -70,6 +90,8 @@ class LoRAGGPOConfig(LoRABase):
 
 
 class LoRAProConfig(LoRABase):
+    EDITS_GRADIENTS: ClassVar[bool] = True
+
     name: Literal["lora_pro"]
     damping: float = Field(default=1e-8, gt=0.0, lt=1.0, description=(
         "ridge on the r x r Gram matrices B^T B and A A^T, relative to their mean diagonal "
@@ -89,6 +111,8 @@ class ALLoRAConfig(LoRABase):
 
 
 class LoRASBConfig(LoRABase):
+    RUNS_UNDER_DEEPSPEED: ClassVar[bool] = True
+
     name: Literal["lora_sb"]
     init_samples: int = Field(default=170, ge=1, description=(
         "training samples whose gradient estimates the first full update (the authors: 50 to 170, "
@@ -101,7 +125,10 @@ class LoRASBConfig(LoRABase):
     init_lr: float = Field(default=1e-3, gt=0.0, description="lr of the approximated first full step")
 
 
-class LISAConfig(_DistributedRules):
+class LISAConfig(PeftBase):
+    EDITS_GRADIENTS: ClassVar[bool] = True
+    CHANGES_TRAINABLE_SET: ClassVar[bool] = True
+
     name: Literal["lisa"]
     n_layers: int = Field(default=2, ge=1, description="blocks trained at a time, sampled uniformly "
                           "without replacement (the authors: 2)")
@@ -109,7 +136,10 @@ class LISAConfig(_DistributedRules):
     seed: int = Field(default=0, ge=0)
 
 
-class OwLoreConfig(_DistributedRules):
+class OwLoreConfig(PeftBase):
+    EDITS_GRADIENTS: ClassVar[bool] = True
+    CHANGES_TRAINABLE_SET: ClassVar[bool] = True
+
     name: Literal["owlore"]
     n_layers: int = Field(default=5, ge=1, description="blocks trained at a time, sampled without "
                           "replacement with probability proportional to their outlier ratio (the authors: 5)")
@@ -135,3 +165,9 @@ PeftConfig = Annotated[
     | OwLoreConfig,
     Field(discriminator="name"),
 ]
+
+
+def deepspeed_methods() -> list[str]:
+    """The methods whose configs say they run under strategy deepspeed."""
+    members: tuple[type[PeftBase], ...] = get_args(get_args(PeftConfig)[0])
+    return sorted(get_args(m.model_fields["name"].annotation)[0] for m in members if m.RUNS_UNDER_DEEPSPEED)

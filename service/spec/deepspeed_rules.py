@@ -27,38 +27,27 @@ Two ways to run under DeepSpeed:
 import copy
 from typing import TYPE_CHECKING, Any
 
+from service.spec.derived import needs_robust_exchange
+from service.spec.derived import zero_stage as requested_zero_stage
+
 if TYPE_CHECKING:
     from service.spec.model import ExperimentSpec
-
-# Per-matrix projections of the gradient (need whole 2-D parameters).
-PROJECTED_OPTIMIZERS = frozenset({"galore", "dct", "lorenza"})
-# Optimizers whose step(closure) re-runs forward and backward (perturbed weights must be the ones
-# the forward pass reads, and the gradients the plain ones).
-CLOSURE_OPTIMIZERS = frozenset({"sam", "adazo_sam", "lorenza"})
-# PEFT methods that edit gradients or weights between backward and step, or change which
-# parameters are trainable from step to step.
-GRADIENT_PEFT = frozenset({"lora_pro", "lora_ggpo", "lisa", "owlore"})
 
 _NO_STEPS_PRINT = 10**12  # DeepSpeed's own progress print; Orchestra logs to MLflow itself
 
 
 def gradient_exchange(spec: "ExperimentSpec") -> bool:
     """A robust rule, or simulated Byzantine gradients: needs every rank's whole gradient."""
-    agg = spec.distributed.aggregator
-    byz = spec.faults.byzantine
-    attack = byz is not None and byz.n > 0 and byz.attack.name != "label_flip"
-    return (agg is not None and agg.name != "mean") or attack
+    return needs_robust_exchange(spec)
 
 
 def whole_params_reason(spec: "ExperimentSpec") -> str | None:
     """Why this spec needs whole parameters and gradients on every rank, or None."""
     assert spec.optimizer is not None
-    name = spec.optimizer.name
-    if name in PROJECTED_OPTIMIZERS:
-        return f"optimizer {name!r} projects each gradient matrix as a whole"
-    if name in CLOSURE_OPTIMIZERS:
-        return f"optimizer {name!r} re-runs forward and backward on perturbed weights inside its step"
-    if spec.peft is not None and spec.peft.name in GRADIENT_PEFT:
+    reason = spec.optimizer.whole_params_reason()
+    if reason is not None:
+        return reason
+    if spec.peft is not None and spec.peft.EDITS_GRADIENTS:
         return f"peft {spec.peft.name!r} edits gradients or trainable layers between backward and the step"
     if gradient_exchange(spec):
         return "robust gradient aggregation combines every rank's whole gradient"
@@ -67,8 +56,9 @@ def whole_params_reason(spec: "ExperimentSpec") -> str | None:
 
 def zero_stage(spec: "ExperimentSpec") -> int:
     """The stage the spec asks for (2 when the deepspeed section is left out)."""
-    ds = spec.distributed.deepspeed
-    return ds.zero_stage if ds is not None else 2
+    stage = requested_zero_stage(spec)
+    assert stage is not None, "a deepspeed spec"
+    return stage
 
 
 def engine_stage(spec: "ExperimentSpec") -> int:
@@ -79,7 +69,7 @@ def engine_stage(spec: "ExperimentSpec") -> int:
 def partitions_optimizer(spec: "ExperimentSpec") -> bool:
     """Projected optimizer at ZeRO 1/2: state partitioned by whole matrices (PartitionedOptimizer)."""
     assert spec.optimizer is not None
-    return spec.optimizer.name in PROJECTED_OPTIMIZERS and zero_stage(spec) in (1, 2)
+    return spec.optimizer.PROJECTS_MATRICES and zero_stage(spec) in (1, 2)
 
 
 def deepspeed_precision(spec: "ExperimentSpec") -> str | None:
@@ -243,8 +233,8 @@ def check_deepspeed(spec: "ExperimentSpec") -> None:
         )
     reason = whole_params_reason(spec)
     if reason is not None:
-        projected = spec.optimizer.name in PROJECTED_OPTIMIZERS
-        allowed = (0, 1, 2) if projected else (0,)
+        projected = spec.optimizer.PROJECTS_MATRICES
+        allowed = spec.optimizer.zero_stages() if projected else (0,)
         if stage not in allowed:
             works = "0, 1 or 2 (1 and 2 partition the optimizer state by whole matrices)" if projected else "0"
             raise ValueError(

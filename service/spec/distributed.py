@@ -22,15 +22,17 @@ class DeepSpeedSpec(StrictModel):
 class DistributedSpec(StrictModel):
     num_workers: int = Field(default=1, ge=1, le=1024)
     use_gpu: bool = False
-    resources_per_worker: dict[str, float] | None = None
+    resources_per_worker: dict[str, float] | None = Field(
+        default=None, description="Ray resources each worker claims; default one CPU (and one GPU with use_gpu)")
     strategy: Literal["ddp", "deepspeed", "parameter_server"] = "ddp"
     deepspeed: DeepSpeedSpec | None = None
     aggregator: AggregatorConfig | None = None
-    exchange: Literal["auto", "gather", "shard"] = Field(
+    exchange: Literal["auto", "none", "gather", "shard"] = Field(
         default="auto",
         description="how ddp/deepspeed ranks combine gradients under a robust rule or an attack: 'gather' "
         "all-gathers every rank's gradient, 'shard' all-to-alls shards and aggregates one per rank (the "
-        "same aggregate, a ring all-reduce's traffic); 'auto' is gather under ddp, shard under deepspeed",
+        "same aggregate, a ring all-reduce's traffic); 'auto' is gather under ddp, shard under deepspeed. "
+        "The resolved spec says 'none' where no robust exchange runs (a plain mean, or the parameter server)",
     )
     gradient_coding: CodingConfig | None = None
     max_failures: int = Field(default=0, ge=0, le=100, description="worker restarts from the last checkpoint")

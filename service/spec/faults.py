@@ -29,6 +29,11 @@ class _Chosen(StrictModel):
 class ByzantineSpec(_Chosen):
     attack: AttackConfig
 
+    @property
+    def attacks_gradients(self) -> bool:
+        """Some worker lies in the gradient exchange (a data attack leaves the exchange honest)."""
+        return self.n > 0 and self.attack.ACTS_ON == "gradients"
+
     @field_validator("attack", mode="before")
     @classmethod
     def _name_only(cls, value: Any) -> Any:

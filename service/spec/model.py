@@ -8,7 +8,9 @@ from algorithms._config import StrictModel
 from algorithms.merging.config import MergeConfig
 from algorithms.optimizers.config import OptimizerConfig
 from algorithms.peft.config import PeftConfig
-from service.spec.distributed import DistributedSpec
+from service.spec.derived import Derived, derive, exchange_layout, needs_robust_exchange, worker_resources
+from service.spec.derived import zero_stage as requested_zero_stage
+from service.spec.distributed import DeepSpeedSpec, DistributedSpec
 from service.spec.faults import FaultsSpec
 from service.spec.sweep import SweepSpec
 from service.spec.task import TaskSpec
@@ -83,11 +85,11 @@ class ExperimentSpec(StrictModel):
             check_deepspeed(self)
         if self.peft is not None:
             try:
-                self.peft.check_distributed(dist.strategy, zero, n)
+                self.peft.check_distributed(dist.strategy, zero, n, train.precision)
             except ValueError as exc:
                 raise ValueError(f"peft.name: {exc}") from None
         try:
-            self.optimizer.check_distributed(dist.strategy, zero)
+            self.optimizer.check_distributed(dist.strategy, zero, train.precision)
         except ValueError as exc:
             raise ValueError(f"optimizer.name: {self.optimizer.name!r}: {exc}") from None
         self._check_exchange()
@@ -96,10 +98,15 @@ class ExperimentSpec(StrictModel):
     def _check_exchange(self) -> None:
         dist = self.distributed
         n = dist.num_workers
-        if dist.exchange != "auto" and dist.strategy == "parameter_server":
+        if dist.exchange not in ("auto", "none") and dist.strategy == "parameter_server":
             raise ValueError(
                 f"distributed.exchange: {dist.exchange!r} applies to strategy ddp or deepspeed; under "
                 "parameter_server the server gathers the workers' gradients itself (leave it 'auto')"
+            )
+        if dist.exchange == "none" and dist.strategy != "parameter_server" and needs_robust_exchange(self):
+            raise ValueError(
+                "distributed.exchange: 'none', but a robust aggregator or a gradient attack combines every "
+                "rank's whole gradient: use 'auto', 'gather' or 'shard'"
             )
         if dist.aggregator is not None:
             try:
@@ -118,14 +125,14 @@ class ExperimentSpec(StrictModel):
                 )
             agg = dist.aggregator
             coding = dist.gradient_coding
-            if agg is not None and agg.name != "mean" and coding.scheme != "fractional_repetition":
+            if agg is not None and agg.ROBUST and not coding.MESSAGES_ESTIMATE_THE_GRADIENT:
                 raise ValueError(
                     f"distributed.aggregator: robust rule {agg.name!r} combines only with gradient_coding scheme "
                     "fractional_repetition (each worker then sends an unbiased estimate of the full "
                     "gradient that the rule can compare); coded messages of "
                     f"{coding.scheme!r} mix parts with signed weights"
                 )
-            if agg is not None and agg.name != "mean":
+            if agg is not None and agg.ROBUST:
                 try:  # the rule sees only the n - s messages that arrive first
                     agg.validate_for(n - coding.stragglers)
                 except ValueError as exc:
@@ -140,8 +147,7 @@ class ExperimentSpec(StrictModel):
                     f"{coding.min_batch_size(n)}"
                 )
             byz = self.faults.byzantine
-            if (coding.scheme in ("sequential_gc", "multiplexed_sgc") and byz is not None and byz.n > 0
-                    and byz.attack.name != "label_flip"):
+            if coding.SEQUENTIAL and byz is not None and byz.attacks_gradients:
                 raise ValueError(
                     f"faults.byzantine.attack: gradient attacks are not simulated with the sequential "
                     f"gradient code {coding.scheme!r} (its messages are per-task partial sums); use a "
@@ -189,6 +195,28 @@ class ExperimentSpec(StrictModel):
             if self.distributed.max_failures < 1:
                 raise ValueError("distributed.max_failures: faults.kill needs max_failures >= 1 to recover")
 
+    # ---- the resolved spec -------------------------------------------------------------------
+
+    def resolve(self) -> "ExperimentSpec":
+        """This spec with every derived value written in (``service.spec.derived``), validated
+        again; resolving a resolved spec changes nothing."""
+        raw = self.model_dump(mode="json")
+        dist = raw["distributed"]
+        dist["resources_per_worker"] = worker_resources(self.distributed)
+        dist["exchange"] = exchange_layout(self)
+        if self.distributed.strategy == "deepspeed" and self.distributed.deepspeed is None:
+            dist["deepspeed"] = DeepSpeedSpec(zero_stage=requested_zero_stage(self) or 0).model_dump(mode="json")
+        if self.train is not None:
+            values = derive(self)
+            raw["train"]["eval_every"] = values.eval_every
+            raw["train"]["checkpoint_every"] = values.checkpoint_every
+        return ExperimentSpec.model_validate(raw)
+
     def resolved(self) -> dict[str, Any]:
-        """The spec with every default filled in, as stored with the run and sent to workers."""
-        return self.model_dump(mode="json")
+        """The resolved spec as JSON: every default and derived value filled in, as stored with the
+        run and sent to workers."""
+        return self.resolve().model_dump(mode="json")
+
+    def derived(self) -> Derived:
+        """What workers read for the values a spec may leave to a default (a training spec only)."""
+        return derive(self)

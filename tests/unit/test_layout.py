@@ -1,4 +1,6 @@
-"""Dependencies point one way: api -> service -> workers -> algorithms (DESIGN.md)."""
+"""The import shape of docs/architecture.md: api -> service -> service.spec -> algorithms (its
+hyperparameter models); workers -> service.spec and algorithms; service never imports workers (it
+starts them as a Ray job), and nothing imports api."""
 
 import ast
 import subprocess
@@ -11,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN = {
     "algorithms": {"api", "service", "workers", "ray", "mlflow", "fastapi", "sqlalchemy", "deepspeed"},
     "workers": {"api"},
-    "service": {"api"},
+    "service": {"api", "workers"},  # the control plane starts workers as a Ray job, never by import
 }
 
 

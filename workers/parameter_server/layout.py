@@ -43,14 +43,14 @@ class Layout:
     @classmethod
     def from_spec(cls, spec: ExperimentSpec) -> Layout:
         from algorithms.coding.decode import unit_weights
-        from algorithms.coding.registry import build_from_config
+        from algorithms.coding.registry import CODES
 
         assert spec.train is not None
         n, batch = spec.distributed.num_workers, spec.train.batch_size
         cfg = spec.distributed.gradient_coding
         if cfg is None:
             return cls(n, "uncoded", part_sizes([1.0 / n] * n, batch))
-        code: Any = build_from_config(cfg, n)
+        code: Any = CODES.build(cfg, n)
         wire = torch.float32 if unit_weights(code) else torch.float64
         if hasattr(code, "assign"):  # a sequential code
             code.n_jobs = spec.train.max_steps

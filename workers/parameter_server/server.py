@@ -54,12 +54,9 @@ class ParameterServer:
         self.model = self.task.build_model()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(spec, self.model)
-        if getattr(self.optimizer, "needs_closure", False):
-            raise ValueError(f"optimizer.name: {spec.optimizer.name!r} needs extra forward passes, which "
-                             "strategy parameter_server does not run (use ddp)")
         self.scheduler = build_scheduler(self.optimizer, self.train)
         agg = spec.distributed.aggregator
-        if rule is None and agg is not None and agg.name != "mean":
+        if rule is None and agg is not None and agg.ROBUST:
             rule = build_rule(spec)
         self.rule = rule
         self.liars = Liars(spec, self.n)

@@ -71,7 +71,7 @@ def import_deepspeed(device: torch.device) -> Any:
 def build_client_optimizer(spec: ExperimentSpec, model: nn.Module, device: torch.device,
                            peft_handle: Any = None) -> torch.optim.Optimizer:
     """The optimizer DeepSpeed steps (see the module docstring for which one)."""
-    from algorithms.optimizers.registry import build_from_config
+    from algorithms.optimizers.registry import OPTIMIZERS
 
     cfg = spec.optimizer
     assert cfg is not None
@@ -80,7 +80,7 @@ def build_client_optimizer(spec: ExperimentSpec, model: nn.Module, device: torch
     if partitions_optimizer(spec):
         from algorithms.optimizers.partitioned import PartitionedOptimizer
 
-        return PartitionedOptimizer(params, lambda inner: build_from_config(cfg, inner), group=None)  # type: ignore[no-any-return,arg-type]
+        return PartitionedOptimizer(params, lambda inner: OPTIMIZERS.build(cfg, inner), group=None)  # type: ignore[no-any-return,arg-type]
     if cfg.name == "adamw" and device.type == "cuda":
         kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps,  # type: ignore[attr-defined]
                   "weight_decay": cfg.weight_decay}
@@ -96,7 +96,7 @@ def build_client_optimizer(spec: ExperimentSpec, model: nn.Module, device: torch
         except Exception as exc:  # the JIT build needs nvcc and ninja
             warnings.warn(f"DeepSpeed FusedAdam unavailable ({exc}); using torch's fused AdamW", stacklevel=2)
             return torch.optim.AdamW(params, fused=True, **kwargs)
-    return build_from_config(cfg, params)
+    return OPTIMIZERS.build(cfg, params)
 
 
 def memory_estimate(spec: ExperimentSpec, stage: int, model: nn.Module,

@@ -8,7 +8,7 @@ import torch
 from scipy.optimize import minimize
 
 from algorithms.aggregation import config as C
-from algorithms.aggregation.registry import build, build_from_config, known
+from algorithms.aggregation.registry import RULES, build, known
 from tests.unit.aggregation import refs
 
 
@@ -112,7 +112,7 @@ def test_registry_covers_every_config_and_refuses_unknown() -> None:
                 C.MultiKrumConfig(name="multi_krum", f=1, m=3), C.BulyanConfig(name="bulyan", f=1),
                 C.GeometricMedianConfig(name="geometric_median", f=1, max_iter=7),
                 C.FlagConfig(name="flag", f=1, r=2, lam=0.1)):
-        rule = build_from_config(cfg)
+        rule = RULES.build(cfg)
         assert rule.name == cfg.name
         assert rule(random_grads(7, 5, seed=0)).shape == (5,)
     with pytest.raises(ValueError, match="unknown aggregation rule 'vote'"):

@@ -1,4 +1,4 @@
-"""The parameter server's loop (workers/parameter_server.py) on in-process workers with a
+"""The parameter server's loop (workers/parameter_server/) on in-process workers with a
 simulated clock: coded training with stragglers equals full-batch SGD computed independently
 here from the task's data streams, for every scheme; robust rules see what they should."""
 

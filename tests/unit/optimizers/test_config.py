@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from algorithms.optimizers import config as C
-from algorithms.optimizers.registry import build, build_from_config, names
+from algorithms.optimizers.registry import OPTIMIZERS, build, names
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -21,7 +21,7 @@ def test_every_configured_name_is_registered_and_builds_from_its_defaults() -> N
     for cls in union:
         name = typing.get_args(cls.model_fields["name"].annotation)[0]
         cfg = cls(name=name, lr=0.01)
-        opt = build_from_config(cfg, torch.nn.Linear(6, 4).parameters())
+        opt = OPTIMIZERS.build(cfg, torch.nn.Linear(6, 4).parameters())
         assert isinstance(opt, torch.optim.Optimizer)
 
 
@@ -37,10 +37,10 @@ def test_build_validates_hyperparameters() -> None:
 def test_projected_optimizers_accept_zero_1_2_and_reject_zero_3(name: str) -> None:
     cfg = {"galore": C.GaLoreConfig, "dct": C.DCTConfig, "lorenza": C.LorenzaConfig}[name](name=name, lr=0.01)
     for stage in (None, 0, 1, 2):
-        cfg.check_distributed("deepspeed", stage)
-    cfg.check_distributed("ddp", None)
+        cfg.check_distributed("deepspeed", stage, "bf16")
+    cfg.check_distributed("ddp", None, "fp32")
     with pytest.raises(ValueError, match="stage 3"):
-        cfg.check_distributed("deepspeed", 3)
+        cfg.check_distributed("deepspeed", 3, "fp32")
 
 
 def test_lorenza_example_validates() -> None:

@@ -17,7 +17,7 @@ import torch
 from algorithms.optimizers.config import DCTConfig
 from algorithms.optimizers.dct import DCT
 from algorithms.optimizers.projection import dct_matrix
-from algorithms.optimizers.registry import build_from_config
+from algorithms.optimizers.registry import OPTIMIZERS
 from tests.unit.optimizers.helpers import TwoLayer, batches, max_diff, train
 
 
@@ -92,7 +92,7 @@ def test_default_gap_is_the_authors(dct_adamw: Any, monkeypatch: pytest.MonkeyPa
     ref = square_min_model()
     run_oracle(dct_adamw, ref, data, lr=1e-2, weight_decay=0.01, rank=5, rotate_subspace=True)
     cfg = DCTConfig(name="dct", lr=1e-2, weight_decay=0.01, rank=5)
-    for build in (lambda m: build_from_config(cfg, m.parameters()),
+    for build in (lambda m: OPTIMIZERS.build(cfg, m.parameters()),
                   lambda m: DCT(m.parameters(), lr=1e-2, weight_decay=0.01, rank=5)):
         ours = square_min_model()
         train(ours, build(ours), data)

@@ -127,18 +127,16 @@ def test_lora_fine_tune_saves_an_adapter_that_peft_loads(monkeypatch: pytest.Mon
     assert log.metric_log["eval/accuracy"][-1][1] > 0.5  # 4 topics: chance is 0.25
 
 
-def test_strategy_rules_are_checked_before_any_work() -> None:
+def test_strategy_rules_are_checked_at_validation() -> None:
     with pytest.raises(ValueError, match="peft.name: 'lisa' changes the trainable layers"):
-        peft_hooks.check_strategy(spec_for({"name": "lisa"}, num_workers=2))
-    spec = spec_for({"name": "lora_pro"})
-    spec.distributed.strategy = "deepspeed"  # type: ignore[assignment]
+        spec_for({"name": "lisa"}, num_workers=2)
     with pytest.raises(ValueError, match="peft.name: 'lora_pro' needs strategy ddp"):
-        peft_hooks.check_strategy(spec)
-    # the rules live in the config (the spec can check them at submission)
+        spec_for({"name": "lora_pro"}, strategy="deepspeed", deepspeed={"zero_stage": 0})
+    # the rules live in the config (the spec asks it at submission)
     lora = TypeAdapter(PeftConfig).validate_python({"name": "lora"})
-    lora.check_distributed("deepspeed", 2, 4)
+    lora.check_distributed("deepspeed", 2, 4, "bf16")
     with pytest.raises(ValueError, match="ZeRO stage 3 is not supported"):
-        lora.check_distributed("deepspeed", 3, 4)
+        lora.check_distributed("deepspeed", 3, 4, "bf16")
 
 
 def test_init_batches_are_rank_independent_dicts() -> None:
@@ -185,11 +183,10 @@ def test_lora_ggpo_perturbs_from_the_second_step_in_the_worker_loop(monkeypatch:
 
 
 def test_lora_ggpo_refuses_fp16_loss_scaling() -> None:
-    spec = spec_for({"name": "lora_ggpo"})
-    assert spec.train is not None
-    spec.train.precision = "fp16"
+    ggpo = TypeAdapter(PeftConfig).validate_python({"name": "lora_ggpo"})
+    ggpo.check_distributed("ddp", None, 1, "bf16")
     with pytest.raises(ValueError, match="'lora_ggpo' does not support precision fp16"):
-        peft_hooks.check_strategy(spec)
+        ggpo.check_distributed("ddp", None, 1, "fp16")
 
 
 def test_lora_sb_gets_enough_batches_for_its_samples(monkeypatch: pytest.MonkeyPatch) -> None:
