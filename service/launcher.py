@@ -5,6 +5,7 @@ drive the scheduler and reconciler without a cluster (integration tests use real
 """
 
 import logging
+import os
 import shlex
 import sys
 from dataclasses import dataclass
@@ -36,6 +37,13 @@ class Launcher(Protocol):
 
 def worker_entrypoint(run_id: str, python: str = "") -> str:
     return f"{shlex.quote(python or sys.executable)} -m workers.entrypoint {shlex.quote(run_id)}"
+
+
+def command_entrypoint(command: str, python: str = "") -> str:
+    """A user's command as the job's shell line, with the cluster's interpreter first on PATH (so
+    that ``python`` is the one with the cluster's packages, as for a training job)."""
+    bindir = os.path.dirname(python or sys.executable)
+    return f'export PATH={shlex.quote(bindir)}:"$PATH"; {command}'
 
 
 def job_env(*, run_id: str, experiment_id: str, mlflow_uri: str, mlflow_run_id: str,

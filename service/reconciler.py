@@ -132,6 +132,8 @@ class Reconciler:
             self._close_mlflow(row, "FAILED")
         elif target == RunStatus.CANCELLED:
             self._close_mlflow(row, "KILLED")
+        elif target == RunStatus.SUCCEEDED:
+            self._close_mlflow(row, "FINISHED")  # a command job's script does not close its run
         log.info("run %s -> %s", row.id, target)
         return 1
 

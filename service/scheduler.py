@@ -18,10 +18,12 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.launcher import Launcher, job_env, submission_id_for, worker_entrypoint
+from service.bundles import BundleStore
+from service.launcher import Launcher, command_entrypoint, job_env, submission_id_for, worker_entrypoint
 from service.models import RunRow
 from service.repo import leader
 from service.repo import runs as runs_repo
+from service.spec.task import CommandTaskSpec
 from service.state import RunStatus, transition
 from service.tracking import Tracker
 
@@ -33,8 +35,9 @@ REASON_CHARS = 2000
 class Scheduler:
     def __init__(self, sessions: sessionmaker[Session], launcher: Launcher, tracker: Tracker, *,
                  max_concurrent: int, storage_path: str, job_python: str = "",
-                 max_attempts: int = 3, retry_delay_s: float = 5.0) -> None:
+                 max_attempts: int = 3, retry_delay_s: float = 5.0, bundles: BundleStore | None = None) -> None:
         self.sessions = sessions
+        self.bundles = bundles  # where the code bundles named by specs are kept
         self.launcher = launcher
         self.tracker = tracker
         self.max_concurrent = max_concurrent
@@ -103,12 +106,25 @@ class Scheduler:
         row.mlflow_run_id = self.tracker.ensure_run(run_id=row.id, experiment_id=row.experiment_id, spec=spec)
         self.tracker.put_spec(row.mlflow_run_id, spec)
         sid = submission_id_for(row.id)
+        env = job_env(run_id=row.id, experiment_id=row.experiment_id, mlflow_uri=self.tracker.uri,
+                      mlflow_run_id=row.mlflow_run_id, storage_path=self.storage_path)
+        code = spec.get("code") or {}
+        working_dir = None
+        if code.get("bundle"):
+            if self.bundles is None or not self.bundles.exists(code["bundle"]):
+                raise RuntimeError(f"code bundle {code['bundle']} is not in the bundle store")
+            working_dir = str(self.bundles.path(code["bundle"]))
+        entrypoint, num_cpus, num_gpus = worker_entrypoint(row.id, self.job_python), 0.0, 0.0
+        if spec["task"]["kind"] == "command" and not spec.get("sweep"):
+            # the user's script is the job: it reserves the resources and logs to the run itself
+            entrypoint = command_entrypoint(CommandTaskSpec.model_validate(spec["task"]).rendered(), self.job_python)
+            env["MLFLOW_RUN_ID"] = row.mlflow_run_id
+            resources = spec["distributed"]["resources_per_worker"]
+            num_cpus, num_gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
         self.launcher.submit(
-            submission_id=sid,
-            entrypoint=worker_entrypoint(row.id, self.job_python),
-            env=job_env(run_id=row.id, experiment_id=row.experiment_id, mlflow_uri=self.tracker.uri,
-                        mlflow_run_id=row.mlflow_run_id, storage_path=self.storage_path),
-            num_cpus=0,  # the driver only coordinates; Ray Train's workers claim the resources
+            submission_id=sid, entrypoint=entrypoint, env=env,
+            num_cpus=num_cpus,  # a training job's driver only coordinates: its workers claim resources
+            num_gpus=num_gpus, working_dir=working_dir, pip=code.get("requirements") or None,
         )
         row.ray_submission_id = sid
         row.error = None

@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 from service.spec import SPEC_ARTIFACT
 
 RUN_TAG = "orchestra.run_id"
+BUNDLE_TAG = "orchestra.code_bundle"
 PING_TIMEOUT_S = 0.8
 
 
@@ -47,6 +48,9 @@ class Tracker:
         tags = {RUN_TAG: run_id, "orchestra.experiment_id": experiment_id,
                 "mlflow.runName": f"{spec['name']}-{run_id[:8]}"}
         tags.update({f"user.{k}": v for k, v in spec.get("tags", {}).items()})
+        bundle = (spec.get("code") or {}).get("bundle")
+        if bundle:
+            tags[BUNDLE_TAG] = bundle  # which code the run ran
         return str(self.client.create_run(mlflow_exp, tags=tags).info.run_id)
 
     def put_spec(self, mlflow_run_id: str, resolved: dict[str, Any]) -> None:

@@ -32,6 +32,7 @@ from algorithms.merging.atlas import AtlasMerger
 from algorithms.merging.config import ADAPTER_BASE, MergeData
 from algorithms.merging.registry import build
 from service.spec import ExperimentSpec
+from service.spec.task import BuiltinTaskSpec
 from workers.mlflow_log import RunLogger
 from workers.model_io import save_final_model
 from workers.tasks import build_task
@@ -144,6 +145,7 @@ def _same_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
 def eval_spec(merge_spec: ExperimentSpec, source: ExperimentSpec) -> ExperimentSpec:
     """The input's training spec with the merge's dataset: what evaluates the models."""
     raw = source.resolved()
+    assert isinstance(merge_spec.task, BuiltinTaskSpec)
     raw["task"]["dataset"] = merge_spec.task.dataset.model_dump(mode="json")
     try:
         return ExperimentSpec.model_validate(raw)
@@ -222,7 +224,7 @@ def run_merge(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_
         for i, ref in enumerate(refs):
             folder = resolve_folder(ref, mlflow_uri, os.path.join(tmp, str(i)))
             loaded.append(load_model(folder))
-            print(f"[orchestra] merge input {i}: {ref} ({loaded[-1][1].task.model})", flush=True)
+            print(f"[orchestra] merge input {i}: {ref} ({getattr(loaded[-1][1].task, 'model', None)})", flush=True)
     models = [m.to(device) for m, _ in loaded[: len(cfg.inputs)]]
     base = loaded[-1][0].to(device) if own_base else None
     if cfg.base == ADAPTER_BASE:

@@ -9,10 +9,14 @@ that ASHA can stop poor trials early. The parent run gets the best trial's value
 import copy
 import math
 import os
+import subprocess
+import sys
 from typing import Any
 
 from service.spec import ExperimentSpec
+from service.spec.derived import worker_resources
 from service.spec.sweep import SweepSpec
+from service.spec.task import CommandTaskSpec
 from workers.mlflow_log import RunLogger
 from workers.plan import RunPlan
 from workers.settings import settings
@@ -56,13 +60,29 @@ def trial_spec(base: dict[str, Any], values: dict[str, Any]) -> ExperimentSpec:
     return ExperimentSpec.model_validate(doc)
 
 
+def run_command_trial(task: CommandTaskSpec, *, mlflow_uri: str, mlflow_run_id: str, metric: str) -> None:
+    """A command's trial: its script (the trial's values substituted) in the code's folder, logging
+    to the trial's MLflow run; the sweep's metric, read back from that run, goes to Tune."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")  # `python` is this one
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "MLFLOW_RUN_ID": mlflow_run_id, "PATH": path}
+    workdir = os.environ.get("TUNE_ORIG_WORKING_DIR") or os.getcwd()  # Tune moves trials to a folder of theirs
+    done = subprocess.run(["bash", "-c", task.rendered()], cwd=workdir, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the command exited with {done.returncode}: {task.rendered()[:300]}")
+    metrics = MlflowClient(tracking_uri=mlflow_uri).get_run(mlflow_run_id).data.metrics if mlflow_run_id else {}
+    tune.report({"step": 1, **({metric: metrics[metric]} if metric in metrics else {})})
+
+
 def concurrent_trials(spec: ExperimentSpec, cluster_cpus: float, cluster_gpus: float) -> int:
     """Trials that fit at once: each holds its workers (and a little for the trial's own actor)."""
     dist, sweep = spec.distributed, spec.sweep
     assert sweep is not None
     if sweep.max_concurrent_trials:
         return sweep.max_concurrent_trials
-    per_worker = RunPlan.from_spec(spec).resources_per_worker
+    per_worker = worker_resources(dist)
     fits = [math.floor(cluster_cpus / max(per_worker.get("CPU", 1.0) * dist.num_workers + 0.5, 1e-9))]
     if dist.use_gpu:
         fits.append(math.floor(cluster_gpus / max(per_worker.get("GPU", 1.0) * dist.num_workers, 1e-9)))
@@ -80,7 +100,8 @@ def run_sweep(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_
     from workers.launch_train import run_trainer
 
     sweep = spec.sweep
-    assert sweep is not None and spec.train is not None
+    assert sweep is not None
+    max_steps = spec.train.max_steps if spec.train is not None else 1
     base = spec.resolved()
     parent = RunLogger(mlflow_uri, mlflow_run_id)
     parent.log_spec(base)
@@ -101,9 +122,12 @@ def run_sweep(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_
                 client.log_param(child_id, f"sweep.{path}", value)
         status = "FAILED"
         try:
-            run_trainer(tspec, run_id=f"{run_id}-{tune.get_context().get_trial_id()}", mlflow_uri=mlflow_uri,
-                        mlflow_run_id=child_id, storage_path=storage_path, callbacks=[TuneReportCallback()],
-                        report_eval=True)
+            if isinstance(tspec.task, CommandTaskSpec):
+                run_command_trial(tspec.task, mlflow_uri=mlflow_uri, mlflow_run_id=child_id, metric=sweep.metric)
+            else:
+                run_trainer(tspec, run_id=f"{run_id}-{tune.get_context().get_trial_id()}", mlflow_uri=mlflow_uri,
+                            mlflow_run_id=child_id, storage_path=storage_path, callbacks=[TuneReportCallback()],
+                            report_eval=True)
             status = "FINISHED"
         finally:
             if client is not None and child_id:
@@ -111,8 +135,8 @@ def run_sweep(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_
 
     scheduler: Any = FIFOScheduler()
     if sweep.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="step", max_t=spec.train.max_steps,
-                                  grace_period=max(1, RunPlan.from_spec(spec).cadence.eval_every))
+        scheduler = ASHAScheduler(time_attr="step", max_t=max_steps,
+                                  grace_period=max(1, RunPlan.from_spec(spec).cadence.eval_every if spec.train else 1))
     # Checkpoint reports carry the training loss but not the sweep's eval metric: Tune must accept
     # results without it (the schedulers skip such results).
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -120,8 +144,12 @@ def run_sweep(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_
     if not resources:
         ray.init(address=settings().ray_address, ignore_reinit_error=True)
         resources = ray.cluster_resources()
+    trainable: Any = trial
+    if isinstance(spec.task, CommandTaskSpec):  # the script runs inside the trial: it holds the resources
+        held = worker_resources(spec.distributed)
+        trainable = tune.with_resources(trial, {"cpu": held.get("CPU", 1.0), "gpu": held.get("GPU", 0.0)})
     tuner = tune.Tuner(
-        trial,
+        trainable,
         param_space=search_space(sweep),
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
                                     scheduler=scheduler,
@@ -139,7 +167,7 @@ def run_sweep(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_
         if client is not None:
             for path in sweep.parameters:
                 client.log_param(mlflow_run_id, f"sweep.best.{path}", best.config[path])
-    parent.metrics(summary, step=spec.train.max_steps)
+    parent.metrics(summary, step=max_steps)
     parent.flush()
     if len(errors) == len(trials):
         raise RuntimeError(f"every trial of the sweep failed; first error: {errors[0].error}")

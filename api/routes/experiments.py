@@ -36,7 +36,12 @@ async def submit_experiment(
         if len(json.dumps(raw, separators=(",", ":"))) > state.settings.max_body_bytes:
             raise SpecError([{"field": "body", "message": f"the spec is over {state.settings.max_body_bytes} "
                               "bytes once expanded"}], 413)
-        return raw, validate_document(raw)
+        spec = validate_document(raw)
+        bundle = spec.code.bundle if spec.code is not None else None
+        if bundle is not None and not state.bundles.exists(bundle):
+            raise SpecError([{"field": "code.bundle", "message": f"no bundle {bundle}: upload the code first "
+                              "(POST /v1/bundles, or orchestra submit --code DIR)"}])
+        return raw, spec
 
     raw, spec = await run_in_threadpool(validate)
 

@@ -8,6 +8,7 @@ from algorithms._config import StrictModel
 from algorithms.merging.config import MergeConfig
 from algorithms.optimizers.config import OptimizerConfig
 from algorithms.peft.config import PeftConfig
+from service.spec.code import CodeSpec
 from service.spec.derived import Derived, derive, exchange_layout, needs_robust_exchange, worker_resources
 from service.spec.derived import zero_stage as requested_zero_stage
 from service.spec.distributed import DeepSpeedSpec, DistributedSpec
@@ -32,14 +33,42 @@ class ExperimentSpec(StrictModel):
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     faults: FaultsSpec = Field(default_factory=FaultsSpec)
     sweep: SweepSpec | None = None
+    code: CodeSpec | None = Field(default=None, description="the user's code shipped with the run (bundle) "
+                                  "and the job's Python requirements")
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> "ExperimentSpec":
         if self.task.kind == "merge":
             self._check_merge()
+        elif self.task.kind == "command":
+            self._check_command()
         else:
             self._check_training()
         return self
+
+    # ---- command -----------------------------------------------------------------------------
+
+    def _check_command(self) -> None:
+        """A command is one process: the Ray job, reserving ``distributed.resources_per_worker``."""
+        for section, key in (("train", "max_steps"), ("optimizer", "name"), ("peft", "name"), ("merge", "method")):
+            if getattr(self, section) is not None:
+                raise ValueError(f"{section}.{key}: {section} does not apply to task.kind 'command' (the script "
+                                 "trains itself)")
+        dist = self.distributed
+        if dist.num_workers != 1 or dist.strategy != "ddp" or dist.deepspeed is not None:
+            raise ValueError("distributed.num_workers: a command runs as one process (the job); give what it "
+                             "reserves in distributed.resources_per_worker")
+        if dist.aggregator is not None or dist.gradient_coding is not None or dist.exchange not in ("auto", "none"):
+            raise ValueError("distributed.aggregator: robust aggregation and gradient coding apply to training "
+                             "tasks, not to a command")
+        faults = self.faults
+        if faults.byzantine is not None or faults.stragglers is not None or faults.kill is not None:
+            raise ValueError("faults.byzantine: simulated faults apply to training tasks, not to a command")
+        if self.sweep is not None:
+            for path in self.sweep.parameters:
+                if not path.startswith("task.params."):
+                    raise ValueError(f"sweep.parameters.{path}: a command's sweep ranges over task.params.* "
+                                     "(the values its {name} fields take)")
 
     # ---- merge -------------------------------------------------------------------------------
 
@@ -71,8 +100,9 @@ class ExperimentSpec(StrictModel):
                 f"({n} x {train.grad_accum})"
             )
         if self.peft is not None:
-            if self.task.kind not in ("causal_lm", "seq_classification"):
-                raise ValueError(f"peft.name: peft applies to causal_lm and seq_classification, not {self.task.kind!r}")
+            if self.task.kind not in ("causal_lm", "seq_classification", "custom"):
+                raise ValueError(f"peft.name: peft applies to causal_lm, seq_classification and custom tasks "
+                                 f"(a transformers model), not {self.task.kind!r}")
             if dist.strategy == "parameter_server":
                 raise ValueError("peft.name: peft is not supported with strategy parameter_server "
                                  "(use ddp or deepspeed)")
@@ -184,6 +214,10 @@ class ExperimentSpec(StrictModel):
             )
         if faults.byzantine is not None and faults.byzantine.n > 0 and n < 2:
             raise ValueError("faults.byzantine.count: needs num_workers >= 2")
+        if (faults.byzantine is not None and faults.byzantine.n > 0 and not faults.byzantine.attacks_gradients
+                and self.task.kind == "custom"):
+            raise ValueError(f"faults.byzantine.attack: {faults.byzantine.attack.name!r} rewrites a built-in task's "
+                             "labels; a custom task's batches are the user's own: use a gradient attack")
         if faults.kill is not None:
             assert self.train is not None
             if faults.kill.rank >= n:

@@ -26,7 +26,7 @@ def _user_path(raw: Any, loc: tuple[Any, ...]) -> str:
     node = raw
     for item in loc:
         if isinstance(node, dict) and item not in node and isinstance(item, str):
-            tag = next((node.get(k) for k in ("name", "method", "scheme") if k in node), None)
+            tag = next((node.get(k) for k in ("name", "method", "scheme", "kind") if k in node), None)
             if tag == item or item.startswith("function-") or item in ("model-before", "model-after"):
                 continue
         parts.append(str(item))

@@ -1,6 +1,12 @@
-"""The ``task`` section: what is trained (or merged) on what data."""
+"""The ``task`` section: what is trained (or merged) on what data.
 
-from typing import Annotated, Literal
+Three shapes, told apart by ``kind``: a built-in task (a dataset and a model of the project's),
+``custom`` (the user's own model, data and loss, from their uploaded code, run by every training
+feature), and ``command`` (the user's own script, run as the job).
+"""
+
+import string
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -118,13 +124,13 @@ _ALLOWED = {
 }
 
 
-class TaskSpec(StrictModel):
+class BuiltinTaskSpec(StrictModel):
     kind: Literal["image_classification", "causal_lm", "seq_classification", "merge"]
     dataset: DatasetSpec
     model: ModelSpec | None = Field(default=None, description="required except for merge")
 
     @model_validator(mode="after")
-    def _kind_fits(self) -> "TaskSpec":
+    def _kind_fits(self) -> "BuiltinTaskSpec":
         if self.kind == "merge":
             return self
         if self.model is None:
@@ -146,3 +152,59 @@ class TaskSpec(StrictModel):
                 and self.dataset.label_field is None):
             raise ValueError("dataset.label_field is required for seq_classification")
         return self
+
+
+ENTRYPOINT = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class CustomTaskSpec(StrictModel):
+    """The user's own task: ``entrypoint`` names ``module:function`` in the uploaded code (or an
+    installed package); ``function(**params)`` returns an object with ``model()``,
+    ``train_dataset()``, ``eval_dataset()`` (or None), ``loss(model, batch)`` and optionally
+    ``metrics(model, batch)`` (README, "Your own code")."""
+
+    kind: Literal["custom"]
+    entrypoint: str = Field(pattern=ENTRYPOINT, max_length=512,
+                            description="module:function, e.g. mylab.task:build")
+    params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the function")
+
+
+class CommandTaskSpec(StrictModel):
+    """The user's own script as the job: ``command`` runs in the uploaded code's folder, with
+    ``MLFLOW_TRACKING_URI`` and ``MLFLOW_RUN_ID`` set; its exit code decides the run's status.
+    ``{name}`` in the command is replaced by ``params.name`` (a sweep over ``task.params.name``
+    substitutes each trial's value); ``{{`` and ``}}`` are literal braces."""
+
+    kind: Literal["command"]
+    command: str = Field(min_length=1, max_length=10_000)
+    params: dict[str, Any] = Field(default_factory=dict, description="values for the command's {name} fields")
+
+    @model_validator(mode="after")
+    def _fields_known(self) -> "CommandTaskSpec":
+        for name in self.fields():
+            if name not in self.params:
+                raise ValueError(f"{{{name}}} has no value in task.params")
+        return self
+
+    def fields(self) -> list[str]:
+        """The ``{name}`` fields of the command."""
+        try:
+            parsed = list(string.Formatter().parse(self.command))
+        except ValueError as exc:
+            raise ValueError(f"{exc} (write {{{{ and }}}} for literal braces)") from None
+        names = []
+        for _, name, spec, conversion in parsed:
+            if name is None:
+                continue
+            if not name.isidentifier() or spec or conversion:
+                raise ValueError(f"{{{name}}} is not a plain {{name}} field")
+            names.append(name)
+        return names
+
+    def rendered(self) -> str:
+        """The command with its fields replaced by their values."""
+        return self.command.format_map({k: v for k, v in self.params.items()})
+
+
+TaskSpec = Annotated[BuiltinTaskSpec | CustomTaskSpec | CommandTaskSpec, Field(discriminator="kind")]
+TRAINING_KINDS = frozenset({"image_classification", "causal_lm", "seq_classification", "custom"})

@@ -110,3 +110,59 @@ def test_upload_endpoint(tmp_path: Path) -> None:
     big = client.post("/v1/bundles", content=os.urandom(2**20 + 10))
     assert big.status_code == 413
     assert sorted(p.name for p in (tmp_path / "bundles").iterdir()) == [f"{digest}.zip"]  # nothing else stored
+
+
+CUSTOM = {"name": "mine", "task": {"kind": "custom", "entrypoint": "mylab.task:build", "params": {"width": 8}},
+          "train": {"max_steps": 10, "batch_size": 8}, "optimizer": {"name": "adamw", "lr": 0.01}}
+COMMAND = {"name": "script", "task": {"kind": "command", "command": "python train.py --lr {lr}", "params": {"lr": 0.5}},
+           "distributed": {"resources_per_worker": {"CPU": 2, "GPU": 0}}, "code": {"requirements": ["tqdm>=4"]}}
+
+
+def test_a_spec_names_an_uploaded_bundle_and_the_job_gets_it(tmp_path: Path) -> None:
+    """Submission refuses a bundle the store does not have (nothing stored); the scheduler hands
+    the stored zip to Ray as the job's working directory; a command is the job's entrypoint itself,
+    with the run's MLflow run in its environment and the resources it reserves."""
+    from service.scheduler import Scheduler
+    from tests.fakes import MemoryLauncher, MemoryTracker
+
+    launcher, tracker = MemoryLauncher(), MemoryTracker()
+    client = make_client(f"sqlite:///{tmp_path / 'a.db'}", home=tmp_path, launcher=launcher, tracker=tracker)
+    data = make_zip({"mylab/__init__.py": b"", "mylab/task.py": b"def build(width): ...\n", "train.py": b""})
+    digest = hashlib.sha256(data).hexdigest()
+    missing = client.post("/v1/experiments", json={**CUSTOM, "code": {"bundle": digest}})
+    assert missing.status_code == 422 and missing.json()["detail"][0]["field"] == "code.bundle"
+    assert client.get("/v1/experiments").json()["items"] == []
+    assert client.post("/v1/bundles", content=data).json()["hash"] == digest
+    custom = client.post("/v1/experiments", json={**CUSTOM, "code": {"bundle": digest}}).json()
+    script = client.post("/v1/experiments", json={**COMMAND, "code": {**COMMAND["code"], "bundle": digest}}).json()
+
+    state = client.app.state.orchestra  # type: ignore[attr-defined]
+    sched = Scheduler(state.sessions, launcher, tracker, max_concurrent=4, storage_path=str(tmp_path),
+                      bundles=state.bundles)
+    assert sched.tick() == 2
+    zip_path = str(tmp_path / "bundles" / f"{digest}.zip")
+    train_call = launcher.calls[f"orchestra-{custom['runs'][0]['id']}"]
+    assert train_call["working_dir"] == zip_path and "-m workers.entrypoint" in train_call["entrypoint"]
+    assert train_call["num_cpus"] == 0 and train_call["pip"] is None
+    run = script["runs"][0]["id"]
+    call = launcher.calls[f"orchestra-{run}"]
+    assert call["entrypoint"].endswith('"$PATH"; python train.py --lr 0.5') and call["working_dir"] == zip_path
+    assert call["env"]["MLFLOW_RUN_ID"] == tracker.runs[run] and call["pip"] == ["tqdm>=4"]
+    assert (call["num_cpus"], call["num_gpus"]) == (2.0, 0.0)
+
+
+def test_a_bundle_gone_from_the_store_fails_the_run_with_the_reason(tmp_path: Path) -> None:
+    from service.scheduler import Scheduler
+    from tests.fakes import MemoryLauncher, MemoryTracker
+
+    launcher, tracker = MemoryLauncher(), MemoryTracker()
+    client = make_client(f"sqlite:///{tmp_path / 'a.db'}", home=tmp_path, launcher=launcher, tracker=tracker)
+    digest = client.post("/v1/bundles", content=make_zip({"mylab/__init__.py": b""})).json()["hash"]
+    exp = client.post("/v1/experiments", json={**CUSTOM, "code": {"bundle": digest}}).json()
+    (tmp_path / "bundles" / f"{digest}.zip").unlink()
+    state = client.app.state.orchestra  # type: ignore[attr-defined]
+    sched = Scheduler(state.sessions, launcher, tracker, max_concurrent=4, storage_path=str(tmp_path),
+                      bundles=state.bundles, max_attempts=1)
+    sched.tick()
+    run = client.get(f"/v1/experiments/{exp['id']}").json()["runs"][0]
+    assert run["status"] == "failed" and "not in the bundle store" in run["error"]

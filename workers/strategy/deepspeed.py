@@ -115,7 +115,8 @@ def memory_estimate(spec: ExperimentSpec, stage: int, model: nn.Module,
     hidden, layers = getattr(cfg, "hidden_size", None), getattr(cfg, "num_hidden_layers", None)
     if not hidden or not layers:
         return None
-    seq = int(getattr(spec.task.dataset, "seq_len", 0) or getattr(spec.task.dataset, "max_length", 0) or 0)
+    data = getattr(spec.task, "dataset", None)  # a custom task's data is the user's: no known length
+    seq = int(getattr(data, "seq_len", 0) or getattr(data, "max_length", 0) or 0)
     world = spec.distributed.num_workers
     micro = spec.train.batch_size // (world * spec.train.grad_accum)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)

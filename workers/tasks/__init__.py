@@ -1,12 +1,19 @@
-"""Built-in offline tasks: ``build_task(spec)`` picks one from ``spec.task``."""
+"""The tasks: ``build_task(spec)`` picks the built-in one ``spec.task`` names, or the user's own
+(``kind: custom``, :mod:`workers.tasks.custom`)."""
 
 from service.spec import ExperimentSpec
-from service.spec.task import CharCorpusData, DigitsData, PretrainedModel
+from service.spec.task import CharCorpusData, CustomTaskSpec, DigitsData, PretrainedModel
 from workers.tasks.base import Task
 
 
 def build_task(spec: ExperimentSpec) -> Task:
     task = spec.task
+    if isinstance(task, CustomTaskSpec):
+        from workers.tasks.custom import CustomTask
+
+        return CustomTask(task)
+    if task.kind == "command":
+        raise ValueError("task.kind: 'command' runs the user's script as the job, not a training loop")
     if task.kind == "image_classification":
         from workers.tasks.digits import DigitsTask
 

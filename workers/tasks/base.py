@@ -1,7 +1,7 @@
 """What every task gives the training loop: a model, batches for a rank, a loss, an evaluation."""
 
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -25,8 +25,16 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module, device: torch.device, max_batches: int) -> dict[str, float]: ...
 
 
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    return tuple(t.to(device, non_blocking=True) for t in batch)
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it moved to ``device``: a tuple of tensors (the built-in
+    tasks) or whatever a default collate makes of a user's samples (dicts, lists, nested)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple | list):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
 
 def sharded_epochs(n: int, *, rank: int, world: int, seed: int, batch_size: int = 1) -> Iterator[torch.Tensor]:

@@ -1,0 +1,1 @@
+"""A user's own package, shipped with the run (``orchestra submit spec.yaml --code examples/custom``)."""
