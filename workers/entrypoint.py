@@ -18,7 +18,7 @@ from service.spec import SPEC_ARTIFACT, ExperimentSpec
 from workers.mlflow_log import RunLogger
 from workers.settings import WorkerSettings, settings, setup_logging
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("workers.entrypoint")  # not __name__: run as __main__ (python -m)
 
 
 def load_spec(mlflow_uri: str, mlflow_run_id: str) -> ExperimentSpec:

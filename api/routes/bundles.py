@@ -16,7 +16,9 @@ router = APIRouter(prefix="/v1/bundles", tags=["bundles"], dependencies=[AuthDep
 
 @router.post("", status_code=201, response_model=BundlePublic, responses=errors(413),
              openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/zip": {"schema": {"type": "string", "format": "binary"}}}}})
+                 # the zip's bytes, sent as application/zip or application/octet-stream (declared:
+                 # clients and generators that know no zip media type send bytes as octet-stream)
+                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
 async def upload_bundle(request: Request, state: StateDep) -> BundlePublic:
     """Store a zip of the code a run needs; answers its hash (name it as the spec's `code.bundle`).
     Uploading the same bytes again answers the same hash and stores nothing new."""
