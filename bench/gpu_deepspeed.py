@@ -402,6 +402,21 @@ def main() -> None:
         bare_worker(args)
         return
 
+    n, gpu_name = settle(p, args)
+    sizes = [s.strip() for s in args.sizes.split(",")] if args.mode == "largest" and not args.size else \
+        [args.size or "1b"]
+    print(f"# DeepSpeed: service worker path (a) vs bare torchrun (b) — {n} x {gpu_name}, "
+          f"{os.cpu_count()} CPU cores, {host_memory_gib():.0f} GiB host memory")
+    for size in sizes:
+        args.size = size
+        failed, n_params = compare_size(args, size, n)
+        if args.mode == "largest" and not failed:
+            print(f"\nlargest that trained: {size} ({n_params / 1e9:.2f}B)")
+            break
+
+
+def settle(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[int, str]:
+    """Fill the defaults that depend on the mode and the device; the ranks per path and the GPU's name."""
     if args.quick:
         args.size = args.size or "tiny"
         args.seq = args.seq or 128
@@ -428,53 +443,50 @@ def main() -> None:
     else:
         n, gpu_name = args.gpus or 2, "cpu"
 
-    sizes = [s.strip() for s in args.sizes.split(",")] if args.mode == "largest" and not args.size else \
-        [args.size or "1b"]
-    print(f"# DeepSpeed: service worker path (a) vs bare torchrun (b) — {n} x {gpu_name}, "
-          f"{os.cpu_count()} CPU cores, {host_memory_gib():.0f} GiB host memory")
-    for size in sizes:
-        args.size = size
-        spec = build_spec(args, n)
-        n_params, flops_per_token = model_flops_per_token(spec)
-        tokens_per_step = spec["train"]["batch_size"] * args.seq
-        print(f"\nLlama {size}: {n_params / 1e6:,.1f}M parameters, seq {args.seq}, {args.precision}, "
-              f"ZeRO-{args.stage}{' + optimizer offload' if args.offload_optimizer else ''}"
-              f"{' + param offload' if args.offload_params else ''}, micro-batch {args.micro_batch} x accum "
-              f"{args.accum} x {n} ranks = {spec['train']['batch_size']} sequences/step, attention {args.attn}"
-              f"{', activation checkpointing' if args.act_ckpt else ''}{', torch.compile' if args.compile else ''}; "
-              f"{args.warmup} warm-up + {args.steps} measured steps; "
-              f"{flops_per_token / 1e9:.2f} GFLOP/token (6N + 12 L h T)\n")
-        print("| path | tokens/s | tokens/s/GPU | MFU | step ms | max alloc GiB | nvidia-smi GiB | wall s |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        work = Path(tempfile.mkdtemp(prefix=f"bench-ds-{size}-"))
-        results: dict[str, dict[str, Any]] = {}
-        failed = False
-        for path, runner, name in (("b", run_bare, "(b) bare torchrun + DeepSpeed"),
-                                   ("a", run_service, "(a) service: entrypoint + Ray Train")):
-            if args.only and args.only != path:
-                continue
-            try:
-                results[path] = runner(args, spec, work, n)
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                print(f"| {name} | failed: {str(exc).splitlines()[0][:200]} |||||||")
-                print(str(exc)[-2000:], file=sys.stderr)
-                failed = True
-                continue
-            print(row(name, results[path], tokens_per_step, flops_per_token, n, args.device == "cuda"))
-        if "a" in results and "b" in results:
-            ratio = results["b"]["step_time_s"] / results["a"]["step_time_s"]
-            print(f"\n(a)/(b) tokens/s: {ratio:.3f}")
-            print(f"loss, first/last logged: (a) {results['a']['loss'][0]:.3f} -> {results['a']['loss'][-1]:.3f}; "
-                  f"(b) {results['b']['loss'][0]:.3f} -> {results['b']['loss'][-1]:.3f}")
-        if "b" in results and results["b"].get("host_rss_gib") is not None:
-            print(f"bare path host memory (peak RSS, all ranks): {results['b']['host_rss_gib']:.1f} GiB")
-        if args.keep or failed:
-            print(f"work folder: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-        if args.mode == "largest" and not failed:
-            print(f"\nlargest that trained: {size} ({n_params / 1e9:.2f}B)")
-            break
+    return n, gpu_name
+
+
+def compare_size(args: argparse.Namespace, size: str, n: int) -> tuple[bool, float]:
+    """Both paths (or --only one) on Llama ``size``: prints the table; (any path failed, parameters)."""
+    spec = build_spec(args, n)
+    n_params, flops_per_token = model_flops_per_token(spec)
+    tokens_per_step = spec["train"]["batch_size"] * args.seq
+    print(f"\nLlama {size}: {n_params / 1e6:,.1f}M parameters, seq {args.seq}, {args.precision}, "
+          f"ZeRO-{args.stage}{' + optimizer offload' if args.offload_optimizer else ''}"
+          f"{' + param offload' if args.offload_params else ''}, micro-batch {args.micro_batch} x accum "
+          f"{args.accum} x {n} ranks = {spec['train']['batch_size']} sequences/step, attention {args.attn}"
+          f"{', activation checkpointing' if args.act_ckpt else ''}{', torch.compile' if args.compile else ''}; "
+          f"{args.warmup} warm-up + {args.steps} measured steps; "
+          f"{flops_per_token / 1e9:.2f} GFLOP/token (6N + 12 L h T)\n")
+    print("| path | tokens/s | tokens/s/GPU | MFU | step ms | max alloc GiB | nvidia-smi GiB | wall s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    work = Path(tempfile.mkdtemp(prefix=f"bench-ds-{size}-"))
+    results: dict[str, dict[str, Any]] = {}
+    failed = False
+    for path, runner, name in (("b", run_bare, "(b) bare torchrun + DeepSpeed"),
+                               ("a", run_service, "(a) service: entrypoint + Ray Train")):
+        if args.only and args.only != path:
+            continue
+        try:
+            results[path] = runner(args, spec, work, n)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            print(f"| {name} | failed: {str(exc).splitlines()[0][:200]} |||||||")
+            print(str(exc)[-2000:], file=sys.stderr)
+            failed = True
+            continue
+        print(row(name, results[path], tokens_per_step, flops_per_token, n, args.device == "cuda"))
+    if "a" in results and "b" in results:
+        ratio = results["b"]["step_time_s"] / results["a"]["step_time_s"]
+        print(f"\n(a)/(b) tokens/s: {ratio:.3f}")
+        print(f"loss, first/last logged: (a) {results['a']['loss'][0]:.3f} -> {results['a']['loss'][-1]:.3f}; "
+              f"(b) {results['b']['loss'][0]:.3f} -> {results['b']['loss'][-1]:.3f}")
+    if "b" in results and results["b"].get("host_rss_gib") is not None:
+        print(f"bare path host memory (peak RSS, all ranks): {results['b']['host_rss_gib']:.1f} GiB")
+    if args.keep or failed:
+        print(f"work folder: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return failed, n_params
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def run(spec: ExperimentSpec, run_id: str, env: WorkerSettings) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
-        print("usage: python -m workers.entrypoint RUN_ID", file=sys.stderr)
+        sys.stderr.write("usage: python -m workers.entrypoint RUN_ID\n")
         return 2
     setup_logging()
     run_id, env = argv[1], settings()

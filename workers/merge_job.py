@@ -18,6 +18,7 @@ merge and the merged widths), so a merged model can itself be an input of a late
 """
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -37,6 +38,8 @@ from workers.mlflow_log import RunLogger
 from workers.model_io import save_final_model
 from workers.tasks import build_task
 from workers.tasks.base import Task
+
+log = logging.getLogger(__name__)
 
 RUN_TAG = "orchestra.run_id"
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
@@ -112,8 +115,7 @@ def load_model(folder: str) -> tuple[nn.Module, ExperimentSpec]:
         adapted = _adapter_model(spec, adapter)
         if adapted is not None and _same_weights(fold_adapter(adapted), state):
             return adapted, spec
-        print(f"[orchestra] {folder}: the adapter does not reproduce the saved model; merging full weights",
-              flush=True)
+        log.warning("%s: the adapter does not reproduce the saved model; merging full weights", folder)
     return model, spec
 
 
@@ -126,7 +128,7 @@ def _adapter_model(spec: ExperimentSpec, adapter: str) -> nn.Module | None:
     try:
         model = PeftModel.from_pretrained(base, adapter)
     except (ValueError, RuntimeError, OSError) as exc:
-        print(f"[orchestra] adapter {adapter} not loaded: {exc}", flush=True)
+        log.warning("adapter %s not loaded: %s", adapter, exc)
         return None
     model.eval()
     return model
@@ -224,7 +226,7 @@ def run_merge(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_
         for i, ref in enumerate(refs):
             folder = resolve_folder(ref, mlflow_uri, os.path.join(tmp, str(i)))
             loaded.append(load_model(folder))
-            print(f"[orchestra] merge input {i}: {ref} ({getattr(loaded[-1][1].task, 'model', None)})", flush=True)
+            log.info("merge input %d: %s (%s)", i, ref, getattr(loaded[-1][1].task, "model", None))
     models = [m.to(device) for m, _ in loaded[: len(cfg.inputs)]]
     base = loaded[-1][0].to(device) if own_base else None
     if cfg.base == ADAPTER_BASE:
@@ -259,9 +261,9 @@ def run_merge(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_
     try:
         metrics.update({f"ensemble/{k}": v for k, v in task.evaluate(Ensemble(models), device, max_batches).items()})
     except (AttributeError, TypeError, RuntimeError) as exc:  # outputs that are not logits
-        print(f"[orchestra] ensemble not evaluated: {exc}", flush=True)
+        log.warning("ensemble not evaluated: %s", exc)
     for k, v in sorted(metrics.items()):
-        print(f"[orchestra] {k} = {v:.6g}", flush=True)
+        log.info("%s = %.6g", k, v)
     logger.metrics(metrics, step=0)
     logger.set_tags({"orchestra.merge.method": cfg.method, "orchestra.merge.inputs": json.dumps(list(cfg.inputs))})
     logger.flush()

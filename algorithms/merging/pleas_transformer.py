@@ -255,77 +255,22 @@ def merge_llama_like(
     ``propagate``: after the fit above, refit every projection in forward order on the merged
     model's own inputs (same targets), so that each layer corrects the errors of those below it."""
     cfg: Any = a.config
-    n_heads: int = cfg.num_attention_heads
-    n_kv: int = getattr(cfg, "num_key_value_heads", None) or n_heads
-    hd: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-    rep = n_heads // n_kv
     fa_model: Any = fold_norms(a)
     fb_model: Any = fold_norms(b)
     batches = list(data)
     if not batches:
         raise ValueError("pleas: data is empty")
     acts_a, acts_b = capture(fa_model, batches), capture(fb_model, batches)
-
-    matches: dict[str, UnitMatch] = {}
-    resid_cost = sum(correlation(acts_a.resid[k][0], acts_b.resid[k][0]) for k in acts_a.resid)
-    assert isinstance(resid_cost, torch.Tensor)
-    matches["residual"] = resid = full_match(resid_cost)
-    n_layers = len(fa_model.model.layers)
-    inter: int = cfg.intermediate_size
-    width = min(2 * inter, max(1, round(target_width * inter)))
-    for i in range(n_layers):
-        p = f"model.layers.{i}."
-        o_in, v_out, heads_b = match_heads(
-            acts_a.lin_in[p + "self_attn.o_proj"][0], acts_b.lin_in[p + "self_attn.o_proj"][0], n_kv, rep, hd
-        )
-        matches[p + "attn"], matches[p + "v"] = o_in, v_out
-        matches[p + "q"], matches[p + "k"] = head_match(heads_b, rep, hd), head_match(heads_b, 1, hd)
-        mlp_a, mlp_b = acts_a.lin_in[p + "mlp.down_proj"][0], acts_b.lin_in[p + "mlp.down_proj"][0]
-        matches[p + "mlp"] = match_units(mlp_a, mlp_b, width)
-    vocab: int = fa_model.lm_head.out_features
-    matches["vocab"] = UnitMatch.identity(vocab)
-
-    def io(name: str) -> tuple[UnitMatch, UnitMatch]:
-        if name == "lm_head":
-            return resid, matches["vocab"]
-        p, _, leaf = name.rpartition(".")
-        layer = p.rpartition(".")[0] + "."
-        return {
-            "q_proj": (resid, matches[layer + "q"]),
-            "k_proj": (resid, matches[layer + "k"]),
-            "v_proj": (resid, matches[layer + "v"]),
-            "o_proj": (matches[layer + "attn"], resid),
-            "gate_proj": (resid, matches[layer + "mlp"]),
-            "up_proj": (resid, matches[layer + "mlp"]),
-            "down_proj": (matches[layer + "mlp"], resid),
-        }[leaf]
+    matches = _match_units(cfg, fa_model, acts_a, acts_b, target_width)
 
     new_cfg = copy.deepcopy(cfg)
     new_cfg.intermediate_size = matches["model.layers.0.mlp"].width
     ref = next(a.parameters())
     merged = type(a)(new_cfg).to(dtype=ref.dtype, device=ref.device)
-    state: dict[str, torch.Tensor] = {}
-    errors: dict[str, float] = {}
-    readers = reader_norms(fa_model)
-    for name, mod in fa_model.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
-        m_in, m_out = io(name)
-        if name in readers:  # the merged stream (mean of the permuted streams), then normalised
-            norm_name, norm = readers[name]
-            x = rms_normalise(m_in.embed(acts_a.norm_in[norm_name][0], acts_b.norm_in[norm_name][0]), norm)
-        else:
-            x = m_in.embed(acts_a.lin_in[name][0], acts_b.lin_in[name][0])
-        y = m_out.embed(acts_a.lin_out[name][0], acts_b.lin_out[name][0])
-        w, bias = solve_grouped(x, y, m_in.groups(), m_out.groups(), ridge, mod.bias is not None)
-        pred = x @ w.T + (bias if bias is not None else 0.0)
-        errors[name] = float(((pred - y) ** 2).sum() / (y**2).sum().clamp(min=1e-30))
-        state[name + ".weight"] = w
-        if bias is not None:
-            state[name + ".bias"] = bias
+    state, errors = _fit_projections(fa_model, matches, acts_a, acts_b, ridge)
     emb_a = fa_model.model.embed_tokens.weight.detach().double()
     emb_b = fb_model.model.embed_tokens.weight.detach().double()
-    state["model.embed_tokens.weight"] = resid.embed(emb_a, emb_b)
+    state["model.embed_tokens.weight"] = matches["residual"].embed(emb_a, emb_b)
     own = merged.state_dict()
     for k, v in own.items():
         if k not in state:
@@ -334,21 +279,101 @@ def merge_llama_like(
             state[k] = torch.ones_like(v)  # folded norms
     merged.load_state_dict({k: v.to(dtype=own[k].dtype) for k, v in state.items()}, strict=True)
     if propagate:
-        for name, mod in merged.named_modules():
-            if not isinstance(mod, nn.Linear):
-                continue
-            m_in, m_out = io(name)
-            x = _inputs_of(merged, mod, batches)
-            y = m_out.embed(acts_a.lin_out[name][0], acts_b.lin_out[name][0])
-            w, bias = solve_grouped(x, y, m_in.groups(), m_out.groups(), ridge, mod.bias is not None)
-            pred = x @ w.T + (bias if bias is not None else 0.0)
-            errors[name] = float(((pred - y) ** 2).sum() / (y**2).sum().clamp(min=1e-30))
-            with torch.no_grad():
-                mod.weight.copy_(w.to(mod.weight.dtype))
-                if bias is not None and mod.bias is not None:
-                    mod.bias.copy_(bias.to(mod.bias.dtype))
+        errors.update(_refit_in_order(merged, matches, acts_a, acts_b, batches, ridge))
     merged.train(a.training)
     return merged, matches, errors
+
+
+def _match_units(cfg: Any, fa_model: Any, acts_a: Any, acts_b: Any, target_width: float) -> dict[str, UnitMatch]:
+    """The residual stream's match, every layer's head and MLP matches, the vocabulary's."""
+    n_heads: int = cfg.num_attention_heads
+    n_kv: int = getattr(cfg, "num_key_value_heads", None) or n_heads
+    hd: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    rep = n_heads // n_kv
+    matches: dict[str, UnitMatch] = {}
+    resid_cost = sum(correlation(acts_a.resid[k][0], acts_b.resid[k][0]) for k in acts_a.resid)
+    assert isinstance(resid_cost, torch.Tensor)
+    matches["residual"] = full_match(resid_cost)
+    inter: int = cfg.intermediate_size
+    width = min(2 * inter, max(1, round(target_width * inter)))
+    for i in range(len(fa_model.model.layers)):
+        p = f"model.layers.{i}."
+        o_in, v_out, heads_b = match_heads(
+            acts_a.lin_in[p + "self_attn.o_proj"][0], acts_b.lin_in[p + "self_attn.o_proj"][0], n_kv, rep, hd
+        )
+        matches[p + "attn"], matches[p + "v"] = o_in, v_out
+        matches[p + "q"], matches[p + "k"] = head_match(heads_b, rep, hd), head_match(heads_b, 1, hd)
+        mlp_a, mlp_b = acts_a.lin_in[p + "mlp.down_proj"][0], acts_b.lin_in[p + "mlp.down_proj"][0]
+        matches[p + "mlp"] = match_units(mlp_a, mlp_b, width)
+    matches["vocab"] = UnitMatch.identity(fa_model.lm_head.out_features)
+    return matches
+
+
+def _io(matches: dict[str, UnitMatch], name: str) -> tuple[UnitMatch, UnitMatch]:
+    """The input and output matches of the linear layer ``name``."""
+    resid = matches["residual"]
+    if name == "lm_head":
+        return resid, matches["vocab"]
+    p, _, leaf = name.rpartition(".")
+    layer = p.rpartition(".")[0] + "."
+    return {
+        "q_proj": (resid, matches[layer + "q"]),
+        "k_proj": (resid, matches[layer + "k"]),
+        "v_proj": (resid, matches[layer + "v"]),
+        "o_proj": (matches[layer + "attn"], resid),
+        "gate_proj": (resid, matches[layer + "mlp"]),
+        "up_proj": (resid, matches[layer + "mlp"]),
+        "down_proj": (matches[layer + "mlp"], resid),
+    }[leaf]
+
+
+def _fit(x: torch.Tensor, y: torch.Tensor, m_in: UnitMatch, m_out: UnitMatch, ridge: float,
+         has_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """The grouped least-squares weights (and bias) from ``x`` to ``y``, and the relative error."""
+    w, bias = solve_grouped(x, y, m_in.groups(), m_out.groups(), ridge, has_bias)
+    pred = x @ w.T + (bias if bias is not None else 0.0)
+    return w, bias, float(((pred - y) ** 2).sum() / (y**2).sum().clamp(min=1e-30))
+
+
+def _fit_projections(fa_model: Any, matches: dict[str, UnitMatch], acts_a: Any, acts_b: Any,
+                     ridge: float) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Every linear layer fitted on the merged (embedded) activations of both models."""
+    state: dict[str, torch.Tensor] = {}
+    errors: dict[str, float] = {}
+    readers = reader_norms(fa_model)
+    for name, mod in fa_model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        m_in, m_out = _io(matches, name)
+        if name in readers:  # the merged stream (mean of the permuted streams), then normalised
+            norm_name, norm = readers[name]
+            x = rms_normalise(m_in.embed(acts_a.norm_in[norm_name][0], acts_b.norm_in[norm_name][0]), norm)
+        else:
+            x = m_in.embed(acts_a.lin_in[name][0], acts_b.lin_in[name][0])
+        y = m_out.embed(acts_a.lin_out[name][0], acts_b.lin_out[name][0])
+        w, bias, errors[name] = _fit(x, y, m_in, m_out, ridge, mod.bias is not None)
+        state[name + ".weight"] = w
+        if bias is not None:
+            state[name + ".bias"] = bias
+    return state, errors
+
+
+def _refit_in_order(merged: nn.Module, matches: dict[str, UnitMatch], acts_a: Any, acts_b: Any,
+                    batches: Sequence[Batch], ridge: float) -> dict[str, float]:
+    """Each projection refitted, in forward order, on the merged model's own inputs."""
+    errors: dict[str, float] = {}
+    for name, mod in merged.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        m_in, m_out = _io(matches, name)
+        x = _inputs_of(merged, mod, batches)
+        y = m_out.embed(acts_a.lin_out[name][0], acts_b.lin_out[name][0])
+        w, bias, errors[name] = _fit(x, y, m_in, m_out, ridge, mod.bias is not None)
+        with torch.no_grad():
+            mod.weight.copy_(w.to(mod.weight.dtype))
+            if bias is not None and mod.bias is not None:
+                mod.bias.copy_(bias.to(mod.bias.dtype))
+    return errors
 
 
 def _inputs_of(model: nn.Module, module: nn.Module, batches: Sequence[Batch]) -> torch.Tensor:
