@@ -47,8 +47,6 @@ def command(**changes: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_validate(path: Path) -> None:
-    if path.name == "lorenza-llama-sweep.yaml":
-        pytest.importorskip("algorithms.optimizers.registry")
     spec = parse_spec(path.read_text(), "application/yaml")
     resolved = spec.resolved()
     assert resolved["name"]

@@ -164,7 +164,6 @@ def test_robust_rule_with_fractional_repetition_sees_block_estimates() -> None:
 
 
 def test_real_robust_rule_builds_from_the_registry() -> None:
-    pytest.importorskip("algorithms.aggregation.registry")
     spec = make_spec(5, aggregator={"name": "median", "f": 1}, steps=2,
                      faults={"byzantine": {"ranks": [0], "attack": "sign_flip"}})
     layout = Layout.from_spec(spec)

@@ -163,7 +163,7 @@ def test_gather_and_shard_exchange_equal_the_rule_on_all_gradients() -> None:
                 got, metrics, _ = results[r][f"{layout}/{rule['name']}"]
                 torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-6,
                                            msg=f"{layout} {rule} rank {r}")
-                assert 0.0 <= metrics["exchange/liar_weight"] <= 1.0 and metrics["exchange/rule_ms"] >= 0.0
+                assert 0.0 <= metrics["exchange/liar_weight"] <= 1.0 and metrics["exchange/rule_ms"] > 0.0
     # Every rank computes the same seeded Gaussian lies.
     for layout in ("gather", "shard"):
         first = results[0][f"gaussian/{layout}"][0]
@@ -179,7 +179,7 @@ def test_gather_and_shard_exchange_equal_the_rule_on_all_gradients() -> None:
     for name in ("krum", "flag", "bulyan"):
         for r in range(world):
             assert (results[r][f"regather/{name}"][0] == results[r][f"gather/{name}"][0]).all(), (name, r)
-            assert results[r][f"regather/{name}"][1]["exchange/comm_ms"] >= 0.0
+            assert results[r][f"regather/{name}"][1]["exchange/comm_ms"] > 0.0
     # Blockwise shards (a decision per shard) are another rule: all ranks agree, and it is not
     # the exact one for Krum, which picks a worker per shard here.
     for name in ("krum", "flag", "bulyan"):
