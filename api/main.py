@@ -37,7 +37,7 @@ def build_state(settings: Settings, launcher: Launcher | None = None, tracker: T
             Scheduler(sessions, launcher, tracker, max_concurrent=settings.max_concurrent_runs,
                       storage_path=settings.resolved_storage_path, job_python=settings.job_python,
                       max_attempts=settings.dispatch_max_attempts, retry_delay_s=settings.dispatch_retry_delay_s,
-                      bundles=store),
+                      bundles=store, mlflow_outage_limit_s=settings.mlflow_outage_limit_s),
             Reconciler(sessions, launcher, tracker, ray_lost_after_s=settings.ray_lost_after_s),
             interval_s=min(settings.scheduler_interval_s, settings.reconciler_interval_s),
             max_backoff_s=settings.control_max_backoff_s,

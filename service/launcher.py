@@ -47,7 +47,7 @@ def command_entrypoint(command: str, python: str = "") -> str:
 
 
 def job_env(*, run_id: str, experiment_id: str, mlflow_uri: str, mlflow_run_id: str,
-            storage_path: str) -> dict[str, str]:
+            storage_path: str, mlflow_outage_limit_s: float = 900.0) -> dict[str, str]:
     """The job's environment: where to find things, never the spec itself (the job reads the
     resolved spec from its MLflow run, ``Tracker.put_spec``): an environment string is capped at
     128 KiB on Linux, and Ray shows a job's environment in its dashboard and logs."""
@@ -58,6 +58,11 @@ def job_env(*, run_id: str, experiment_id: str, mlflow_uri: str, mlflow_run_id: 
         "ORCHESTRA_MLFLOW_RUN_ID": mlflow_run_id,
         "ORCHESTRA_STORAGE_PATH": storage_path,
         "PYTHONUNBUFFERED": "1",
+        # MLflow's client would retry a down server for minutes inside each call; the workers wait
+        # out an outage themselves (workers.mlflow_log), for at most this long
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+        "ORCHESTRA_MLFLOW_OUTAGE_LIMIT_S": f"{mlflow_outage_limit_s:g}",
     }
 
 

@@ -35,8 +35,10 @@ REASON_CHARS = 2000
 class Scheduler:
     def __init__(self, sessions: sessionmaker[Session], launcher: Launcher, tracker: Tracker, *,
                  max_concurrent: int, storage_path: str, job_python: str = "",
-                 max_attempts: int = 3, retry_delay_s: float = 5.0, bundles: BundleStore | None = None) -> None:
+                 max_attempts: int = 3, retry_delay_s: float = 5.0, bundles: BundleStore | None = None,
+                 mlflow_outage_limit_s: float = 900.0) -> None:
         self.sessions = sessions
+        self.mlflow_outage_limit_s = mlflow_outage_limit_s
         self.bundles = bundles  # where the code bundles named by specs are kept
         self.launcher = launcher
         self.tracker = tracker
@@ -107,7 +109,8 @@ class Scheduler:
         self.tracker.put_spec(row.mlflow_run_id, spec)
         sid = submission_id_for(row.id)
         env = job_env(run_id=row.id, experiment_id=row.experiment_id, mlflow_uri=self.tracker.uri,
-                      mlflow_run_id=row.mlflow_run_id, storage_path=self.storage_path)
+                      mlflow_run_id=row.mlflow_run_id, storage_path=self.storage_path,
+                      mlflow_outage_limit_s=self.mlflow_outage_limit_s)
         code = spec.get("code") or {}
         working_dir = None
         if code.get("bundle"):

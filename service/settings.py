@@ -27,6 +27,8 @@ class Settings(BaseSettings):
                                     "has not answered for this long (their state is unknown)")
     control_max_backoff_s: float = Field(default=15.0, gt=0, description="longest pause of the scheduler and "
                                          "reconciler between failing ticks (a database or Ray outage)")
+    mlflow_outage_limit_s: float = Field(default=900.0, gt=0, description="a run's workers train on while MLflow "
+                                         "does not answer (metrics held) for this long, then the run fails")
     shutdown_timeout_s: float = Field(default=10.0, gt=0, le=600, description="on SIGTERM, how long requests "
                                       "in flight may take to finish before the API exits")
     scheduler_interval_s: float = Field(default=1.0, gt=0)

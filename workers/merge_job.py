@@ -266,7 +266,7 @@ def run_merge(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_
         log.info("%s = %.6g", k, v)
     logger.metrics(metrics, step=0)
     logger.set_tags({"orchestra.merge.method": cfg.method, "orchestra.merge.inputs": json.dumps(list(cfg.inputs))})
-    logger.flush()
+    logger.flush(wait=True)
 
     out_spec = merged_spec(spec_eval, merged)
     merged = merged.cpu()

@@ -19,6 +19,9 @@ class WorkerSettings:
     # collects reported checkpoints when it polls the workers (every 2 s by default); two polls
     # make the fault "a crash after the last checkpoint".
     kill_grace_s: float = 5.0
+    # ORCHESTRA_MLFLOW_OUTAGE_LIMIT_S: how long rank 0 trains on while MLflow does not answer
+    # (metrics held, spilled to disk) before the run fails with the reason
+    mlflow_outage_limit_s: float = 900.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -29,6 +32,7 @@ class WorkerSettings:
             storage_path=os.path.expanduser(env.get("ORCHESTRA_STORAGE_PATH") or cls.storage_path),
             ray_address=env.get("RAY_ADDRESS") or cls.ray_address,
             kill_grace_s=float(env.get("ORCHESTRA_KILL_GRACE_S") or cls.kill_grace_s),
+            mlflow_outage_limit_s=float(env.get("ORCHESTRA_MLFLOW_OUTAGE_LIMIT_S") or cls.mlflow_outage_limit_s),
         )
 
 

@@ -100,7 +100,7 @@ def train_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         logger.metrics(task.evaluate(final, device, train.eval_batches), step=train.max_steps)
         save_final_model(logger, spec, final, peft_handle)
-        logger.flush()
+        logger.flush(wait=True)
 
 
 def forward_backward(strategy: Strategy, task: Task, micro: list[Any], backward: bool = True, *, step: int,

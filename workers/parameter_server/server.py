@@ -269,7 +269,7 @@ def run_parameter_server(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, 
         model = server.train_model()
         save_final_model(logger, spec, model)
         server.save_records()
-        logger.flush()
+        logger.flush(wait=True)
         log.info("run %s: parameter server done, %d steps; late per step (mean) %.2f", run_id, len(server.records),
                  sum(len(r.late) for r in server.records) / max(1, len(server.records)))
     finally:
