@@ -93,6 +93,17 @@ class Stack:
         self.dashboard_port = free_port(self.dashboard_port)
         self.gcs_port = free_port(self.gcs_port)
         self.mlflow_port = free_port(self.mlflow_port)
+        self.start_ray()
+        bin_dir = Path(sys.executable).parent
+        self._spawn("mlflow", [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port",
+                               str(self.mlflow_port), "--workers", "1", "--backend-store-uri",
+                               f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}",
+                               "--artifacts-destination", str(self.home / "mlflow" / "artifacts")],
+                    # MLflow 3's GenAI job runner (a pool of huey consumers) is not used here: off
+                    MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+
+    def start_ray(self) -> None:
+        """The Ray head alone, on the stack's ports (also to bring a head back after it died)."""
         bin_dir = Path(sys.executable).parent
         cpus = self.num_cpus or max(4, 2 * (os.cpu_count() or 1))
         # Ray's fixed default ports (client server 10001, agent 52365) would clash with a second
@@ -104,12 +115,6 @@ class Stack:
                             f"--dashboard-agent-listen-port={agent_port}",
                             f"--num-cpus={cpus}", "--include-dashboard=true", "--disable-usage-stats",
                             f"--temp-dir={self.ray_temp_dir}"])
-        self._spawn("mlflow", [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port",
-                               str(self.mlflow_port), "--workers", "1", "--backend-store-uri",
-                               f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}",
-                               "--artifacts-destination", str(self.home / "mlflow" / "artifacts")],
-                    # MLflow 3's GenAI job runner (a pool of huey consumers) is not used here: off
-                    MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
 
     def wait_ready(self, timeout_s: float = 180.0) -> None:
         deadline = time.monotonic() + timeout_s

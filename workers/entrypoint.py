@@ -15,6 +15,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from service.spec import SPEC_ARTIFACT, ExperimentSpec
+from workers import watchdog
 from workers.mlflow_log import RunLogger
 from workers.settings import WorkerSettings, settings, setup_logging
 
@@ -54,6 +55,7 @@ def main(argv: list[str]) -> int:
         return 2
     setup_logging()
     run_id, env = argv[1], settings()
+    watchdog.watch(env.ray_address, env.ray_lost_exit_s)
     spec = load_spec(env.mlflow_uri, env.mlflow_run_id)
     logger = RunLogger(env.mlflow_uri, env.mlflow_run_id)
     try:

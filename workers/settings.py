@@ -22,6 +22,9 @@ class WorkerSettings:
     # ORCHESTRA_MLFLOW_OUTAGE_LIMIT_S: how long rank 0 trains on while MLflow does not answer
     # (metrics held, spilled to disk) before the run fails with the reason
     mlflow_outage_limit_s: float = 900.0
+    # ORCHESTRA_RAY_LOST_EXIT_S: the job's driver exits once the Ray head's GCS port has refused it
+    # for this long (the head is gone; workers.watchdog)
+    ray_lost_exit_s: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -33,6 +36,7 @@ class WorkerSettings:
             ray_address=env.get("RAY_ADDRESS") or cls.ray_address,
             kill_grace_s=float(env.get("ORCHESTRA_KILL_GRACE_S") or cls.kill_grace_s),
             mlflow_outage_limit_s=float(env.get("ORCHESTRA_MLFLOW_OUTAGE_LIMIT_S") or cls.mlflow_outage_limit_s),
+            ray_lost_exit_s=float(env.get("ORCHESTRA_RAY_LOST_EXIT_S") or cls.ray_lost_exit_s),
         )
 
 

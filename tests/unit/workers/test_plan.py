@@ -77,3 +77,33 @@ def test_settings_from_the_environment() -> None:
     env = {"MLFLOW_TRACKING_URI": "http://m", "ORCHESTRA_MLFLOW_RUN_ID": "r1", "ORCHESTRA_STORAGE_PATH": "/s",
            "RAY_ADDRESS": "10.0.0.1:6379", "ORCHESTRA_KILL_GRACE_S": "0.5"}
     assert WorkerSettings.from_env(env) == WorkerSettings("http://m", "r1", "/s", "10.0.0.1:6379", 0.5)
+
+
+def test_the_driver_exits_when_the_cluster_is_gone_and_stays_while_it_answers() -> None:
+    """The watchdog (a process of its own: it ends the process) against a port nobody listens
+    on, and against a listening one."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from workers.watchdog import gcs_endpoint
+
+    assert gcs_endpoint("127.0.0.1:6380") == ("127.0.0.1", 6380)
+    assert gcs_endpoint("auto") is None and gcs_endpoint("http://127.0.0.1:8265") is None
+    code = ("import sys, time; from workers.watchdog import watch; "
+            "watch(sys.argv[1], lost_after_s=1.0, interval_s=0.2); time.sleep(20); sys.exit(0)")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{closed.getsockname()[1]}"  # bound, not listening: connections refused
+        t0 = time.monotonic()
+        gone = subprocess.run([sys.executable, "-c", code, dead], capture_output=True, text=True, timeout=30)
+        assert gone.returncode == 75 and time.monotonic() - t0 < 15
+    with socket.socket() as live:
+        live.bind(("127.0.0.1", 0))
+        live.listen(16)
+        proc = subprocess.Popen([sys.executable, "-c", code, f"127.0.0.1:{live.getsockname()[1]}"])
+        time.sleep(4)
+        assert proc.poll() is None  # the cluster answers: the driver stays
+        proc.kill()
+        proc.wait()
