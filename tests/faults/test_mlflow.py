@@ -1,4 +1,4 @@
-"""The MLflow server killed for 30 s while a run trains, then started again on the same port and
+"""The MLflow server killed for a while (10 s) as a run trains, then started again on the same port and
 store: the workers keep training with their metrics held, every logged step of ``train/loss``
 is in the run exactly once afterwards, and the run ends ``succeeded``."""
 
@@ -17,7 +17,7 @@ from tests.faults.mlflow_server import PrivateMlflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-OUTAGE_S = 30.0
+OUTAGE_S = 10.0  # long enough for several flushes to fail; the suite has a time budget
 
 
 def test_mlflow_outage_mid_run(stack, postgres_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -34,7 +34,7 @@ def test_mlflow_outage_mid_run(stack, postgres_url: str, tmp_path: Path) -> None
     api.start()
     try:
         client = httpx.Client(base_url=api.url, timeout=30)
-        spec = small_spec("fault-mlflow", max_steps=3000, eval_every=500, log_every=10)
+        spec = small_spec("fault-mlflow", max_steps=1500, eval_every=500, log_every=10)
         spec["distributed"]["num_workers"] = 1
         exp = client.post("/v1/experiments", json=spec).json()
         wait_for(client, exp["id"], {"running"})
@@ -54,7 +54,7 @@ def test_mlflow_outage_mid_run(stack, postgres_url: str, tmp_path: Path) -> None
         assert done["status"] == "succeeded", done["runs"][0]["error"]
         history = MlflowClient(mlflow.uri).get_metric_history(mlflow_run, "train/loss")
         counts = Counter(m.step for m in history)
-        assert sorted(counts) == list(range(10, 3001, 10)) and set(counts.values()) == {1}, counts
+        assert sorted(counts) == list(range(10, 1501, 10)) and set(counts.values()) == {1}, counts
         logs = client.get(f"/v1/runs/{run_id}/logs", params={"tail": 100000}).json()["logs"]
         assert "MLflow does not answer" in logs and "MLflow answers again" in logs
     finally:

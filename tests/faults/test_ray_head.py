@@ -16,8 +16,8 @@ from tests.conftest import ApiProcess, small_spec, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-LOST_AFTER_S = 15
-DRIVER_EXIT_S = 10
+LOST_AFTER_S = 8
+DRIVER_EXIT_S = 5
 
 
 def pids(pattern: str) -> list[str]:
