@@ -106,7 +106,7 @@ class Scheduler:
     def _dispatch(self, session: Session, row: RunRow) -> None:
         spec = row.experiment.resolved_spec
         row.mlflow_run_id = self.tracker.ensure_run(run_id=row.id, experiment_id=row.experiment_id, spec=spec)
-        self.tracker.put_spec(row.mlflow_run_id, spec)
+        self.tracker.put_spec(row.mlflow_run_id, spec, submitted=row.experiment.spec if spec.get("sweep") else None)
         sid = submission_id_for(row.id)
         env = job_env(run_id=row.id, experiment_id=row.experiment_id, mlflow_uri=self.tracker.uri,
                       mlflow_run_id=row.mlflow_run_id, storage_path=self.storage_path,

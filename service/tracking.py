@@ -6,7 +6,7 @@ from typing import Any
 import httpx
 from mlflow.tracking import MlflowClient
 
-from service.spec import SPEC_ARTIFACT
+from service.spec import SPEC_ARTIFACT, SUBMITTED_ARTIFACT
 
 RUN_TAG = "orchestra.run_id"
 BUNDLE_TAG = "orchestra.code_bundle"
@@ -53,9 +53,13 @@ class Tracker:
             tags[BUNDLE_TAG] = bundle  # which code the run ran
         return str(self.client.create_run(mlflow_exp, tags=tags).info.run_id)
 
-    def put_spec(self, mlflow_run_id: str, resolved: dict[str, Any]) -> None:
-        """Store the resolved spec on the MLflow run: the job reads it from there."""
+    def put_spec(self, mlflow_run_id: str, resolved: dict[str, Any], submitted: dict[str, Any] | None = None) -> None:
+        """Store the resolved spec on the MLflow run: the job reads it from there. A sweep's trials
+        start from the spec as submitted (a trial that changes ``train.max_steps`` gets its own
+        default evaluation period, not the resolved one of the base)."""
         self.client.log_dict(mlflow_run_id, resolved, SPEC_ARTIFACT)
+        if submitted is not None:
+            self.client.log_dict(mlflow_run_id, submitted, SUBMITTED_ARTIFACT)
 
     def close_if_open(self, mlflow_run_id: str, status: str) -> None:
         run = self.client.get_run(mlflow_run_id)

@@ -63,7 +63,7 @@ class MemoryTracker:
     def ensure_run(self, *, run_id: str, experiment_id: str, spec: dict) -> str:  # type: ignore[type-arg]
         return self.runs.setdefault(run_id, f"mlflow-{run_id[:8]}")
 
-    def put_spec(self, mlflow_run_id: str, resolved: dict) -> None:  # type: ignore[type-arg]
+    def put_spec(self, mlflow_run_id: str, resolved: dict, submitted: dict | None = None) -> None:  # type: ignore[type-arg]
         self.specs[mlflow_run_id] = resolved
 
     def close_if_open(self, mlflow_run_id: str, status: str) -> None:

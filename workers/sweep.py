@@ -89,6 +89,28 @@ def concurrent_trials(spec: ExperimentSpec, cluster_cpus: float, cluster_gpus: f
     return max(1, min(fits))
 
 
+def submitted_spec(mlflow_uri: str, mlflow_run_id: str) -> dict[str, Any] | None:
+    """The spec as the user submitted it (the control plane stores it beside the resolved one for
+    sweeps), or None when the run has none."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from service.spec import SUBMITTED_ARTIFACT
+
+    if not (mlflow_uri and mlflow_run_id):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = MlflowClient(tracking_uri=mlflow_uri).download_artifacts(mlflow_run_id, SUBMITTED_ARTIFACT, tmp)
+        except Exception:  # an older run: only the resolved spec
+            return None
+        doc = json.loads(Path(path).read_text())
+    return doc if isinstance(doc, dict) else None
+
+
 def run_sweep(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_id: str,
               storage_path: str) -> dict[str, Any]:
     import ray
@@ -102,9 +124,11 @@ def run_sweep(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_
     sweep = spec.sweep
     assert sweep is not None
     max_steps = spec.train.max_steps if spec.train is not None else 1
-    base = spec.resolved()
+    # trials start from the submitted spec: values derived from a swept field (the evaluation period
+    # from train.max_steps, ...) are derived again for each trial, not copied from the base run
+    base = submitted_spec(mlflow_uri, mlflow_run_id) or spec.resolved()
     parent = RunLogger(mlflow_uri, mlflow_run_id)
-    parent.log_spec(base)
+    parent.log_spec(spec.resolved())
     client = MlflowClient(tracking_uri=mlflow_uri) if mlflow_uri and mlflow_run_id else None
     experiment_id = client.get_run(mlflow_run_id).info.experiment_id if client else ""
 
