@@ -1,5 +1,6 @@
 """Runs through the whole stack: PostgreSQL, `orchestra serve`, a real Ray head, a real MLflow."""
 
+import json
 from collections import Counter
 
 import httpx
@@ -102,3 +103,23 @@ def test_sweep_runs_trials_as_mlflow_child_runs(api, stack) -> None:  # type: ig
     assert all(c.info.status == "FINISHED" and "eval/loss" in c.data.metrics for c in children)
     best = min(c.data.metrics["eval/loss"] for c in children)
     assert parent.data.metrics["sweep/best/eval/loss"] == pytest.approx(best)
+
+
+def test_a_200_kb_spec_runs_and_stays_out_of_the_jobs_environment(api, stack) -> None:  # type: ignore[no-untyped-def]
+    """The job reads its resolved spec from the run's MLflow artifact: a spec over Linux's 128 KiB
+    limit for one environment string runs, and neither the spec nor its tags reach the job's
+    environment, metadata or entrypoint (what the Ray dashboard shows)."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = httpx.Client(base_url=api.url, timeout=60)
+    spec = small_spec("it-large", max_steps=10, eval_every=10)
+    spec["distributed"]["num_workers"] = 1
+    spec["tags"] = {f"tag{i:04d}": "v" * 90 for i in range(2000)}
+    assert len(json.dumps(spec)) > 200_000
+    exp = client.post("/v1/experiments", json=spec).json()
+    exp = wait_for(client, exp["id"], {"succeeded", "failed", "cancelled"})
+    assert exp["status"] == "succeeded", exp["runs"][0]["error"]
+    (job,) = ray_jobs(stack, exp["runs"][0]["id"])
+    info = JobSubmissionClient(stack.ray_address).get_job_info(job.submission_id)
+    shown = json.dumps({"env": info.runtime_env, "metadata": info.metadata, "entrypoint": info.entrypoint})
+    assert "tag0001" not in shown and "vvvvvvvvvv" not in shown and len(shown) < 4000, shown[:500]
