@@ -64,6 +64,9 @@ def test_concurrent_idempotent_submissions_make_one_experiment(postgres_url: str
         assert exp_repo.count_experiments(s) == 1
 
 
+RUNS = 50
+
+
 def test_two_schedulers_keep_one_limit_and_dispatch_each_run_once(postgres_url: str) -> None:
     """Two control-plane replicas on one database: the concurrency limit holds for both together
     and every run becomes one Ray job (the schedulers take turns under an advisory lock)."""
@@ -77,7 +80,7 @@ def test_two_schedulers_keep_one_limit_and_dispatch_each_run_once(postgres_url: 
     sessions = session_factory(engine_for(postgres_url))
     spec = parse_spec(QUICKSTART, "application/yaml")
     with sessions() as s:
-        for i in range(8):
+        for i in range(RUNS):
             exp_repo.create_experiment(s, spec={"name": f"r{i}"}, resolved=spec.resolved())
         s.commit()
     launcher, tracker = MemoryLauncher(), MemoryTracker()
@@ -111,7 +114,7 @@ def test_two_schedulers_keep_one_limit_and_dispatch_each_run_once(postgres_url: 
 
     def replica(i: int) -> None:
         sched, rec = replicas[i]
-        for _ in range(40):
+        for _ in range(100):
             sched.tick()
             finish_jobs()
             rec.tick()
@@ -125,7 +128,7 @@ def test_two_schedulers_keep_one_limit_and_dispatch_each_run_once(postgres_url: 
         t.join(timeout=120)
     stop.set()
     watcher.join(timeout=10)
-    assert len(submitted) == len(set(submitted)) == 8, submitted
+    assert len(submitted) == len(set(submitted)) == RUNS, submitted
     assert peak <= 2, peak
     with sessions() as s:
         from sqlalchemy import select
