@@ -78,13 +78,14 @@ class Registry(Generic[ConfigT, BuiltT]):
         config_cls, _ = self._entry(name)
         return config_cls.model_validate({self.key: name, **fields})
 
-    def build(self, cfg: ConfigT, *runtime: Any) -> BuiltT:
-        """The method ``cfg`` configures, given the family's runtime objects."""
+    def build(self, cfg: ConfigT, *runtime: Any, **options: Any) -> BuiltT:
+        """The method ``cfg`` configures, given the family's runtime objects (and keyword options
+        of the run, such as PEFT's ``task_type``, which are not the method's hyperparameters)."""
         config_cls, builder = self._entry(getattr(cfg, self.key))
         if not isinstance(cfg, config_cls):
             raise TypeError(f"{self.family} {getattr(cfg, self.key)!r} is configured by "
                             f"{config_cls.__name__}, not {type(cfg).__name__}")
-        return builder(cfg, *runtime)
+        return builder(cfg, *runtime, **options)
 
     def build_named(self, name: str, *runtime: Any, **fields: Any) -> BuiltT:
         """``build(config(name, **fields), *runtime)``: for tests, benchmarks and scripts."""

@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +38,17 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from algorithms.merging.base import Merger  # noqa: E402
 from algorithms.merging.pleas import PleasMerger  # noqa: E402
 from algorithms.merging.registry import build  # noqa: E402
 from workers.tasks.digits import build_cnn, build_mlp, load_digits_split  # noqa: E402
 
 HALVES = ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9])
+
+
+def merger_of(method: str, **fields: Any) -> Merger:
+    """The merger of a ``merge`` section with ``fields`` (its inputs are the two models A and B)."""
+    return build(method, inputs=["A", "B"], **fields)
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, seed: int) -> nn.Module:
@@ -62,7 +69,8 @@ def accuracy(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: 
 
 def permute_and_average(a: nn.Module, b: nn.Module, x: torch.Tensor) -> nn.Module:
     """Match units as PLeaS does (full matching), then average the permuted weights (no least squares)."""
-    merger = PleasMerger(ridge=0.0)
+    merger = merger_of("pleas", ridge=0.0)
+    assert isinstance(merger, PleasMerger)
     merger.merge([a, b], data=[x])  # only for its matches
     out = copy.deepcopy(a)
     la = [m for m in a.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
@@ -113,23 +121,23 @@ def run_seed(arch: str, setting: str, seed: int, args: argparse.Namespace) -> di
         "model A (0-4)": accuracy(a, x_te, y_te),
         "model B (5-9)": accuracy(b, x_te, y_te),
         "ensemble (mean logits)": accuracy(lambda z: (a(z) + b(z)) / 2, x_te, y_te),
-        "average": accuracy(build("average").merge([a, b]), x_te, y_te),
+        "average": accuracy(merger_of("average").merge([a, b]), x_te, y_te),
     }
     if setting == "shared-base":
         res["base"] = accuracy(base, x_te, y_te)
-    ta = build("task_arithmetic", scaling=1.0).merge([a, b], base=base)
+    ta = merger_of("task_arithmetic", scaling=1.0).merge([a, b], base=base)
     res["task arithmetic (lambda 1)"] = accuracy(ta, x_te, y_te)
-    ties = build("ties", density=0.2, scaling=1.0).merge([a, b], base=base)
+    ties = merger_of("ties", density=0.2, scaling=1.0).merge([a, b], base=base)
     res["TIES (density 0.2, lambda 1)"] = accuracy(ties, x_te, y_te)
     if setting == "shared-base":
-        atlas = build("atlas", steps=200, lr=0.02).merge([a, b], base=base, data=[(x_tr[few], y_tr[few])])
+        atlas = merger_of("atlas", steps=200, lr=0.02).merge([a, b], base=base, data=[(x_tr[few], y_tr[few])])
         res[f"aTLAS ({args.merge_examples} labelled)"] = accuracy(atlas, x_te, y_te)
     res["perm+avg (matching, no LS)"] = accuracy(permute_and_average(a, b, unlabelled), x_te, y_te)
     for tw in (0.75, 1.0, 1.5, 2.0):
-        merged = build("pleas", target_width=tw).merge([a, b], data=[unlabelled])
+        merged = merger_of("pleas", target_width=tw).merge([a, b], data=[unlabelled])
         res[f"PLeaS width {tw}x"] = accuracy(merged, x_te, y_te)
     shape = list(x_tr.shape[1:])
-    free = build("pleas", data_free=True, input_shape=shape, noise_samples=args.merge_examples).merge([a, b])
+    free = merger_of("pleas", data_free=True, input_shape=shape, noise_samples=args.merge_examples).merge([a, b])
     res["PLeaS-free width 1.0x (noise)"] = accuracy(free, x_te, y_te)
     return res
 
@@ -166,12 +174,12 @@ def run_lm_seed(seed: int, args: argparse.Namespace) -> dict[str, float]:
     a, b = models
     res = {"model A (1st half)": loss(a), "model B (2nd half)": loss(b)}
     res["ensemble (mean logits)"] = loss(Ensemble([a, b]))
-    res["average"] = loss(build("average").merge([a, b]))
+    res["average"] = loss(merger_of("average").merge([a, b]))
     for tw in (1.0, 1.5):
-        res[f"PLeaS width {tw}x (MLP units)"] = loss(build("pleas", target_width=tw).merge([a, b], data=data))
-        prop = build("pleas", target_width=tw, propagate=True).merge([a, b], data=data)
+        res[f"PLeaS width {tw}x (MLP units)"] = loss(merger_of("pleas", target_width=tw).merge([a, b], data=data))
+        prop = merger_of("pleas", target_width=tw, propagate=True).merge([a, b], data=data)
         res[f"PLeaS width {tw}x, propagate"] = loss(prop)
-    free = build("pleas", data_free=True, noise_samples=128, input_shape=[64]).merge([a, b])
+    free = merger_of("pleas", data_free=True, noise_samples=128, input_shape=[64]).merge([a, b])
     res["PLeaS-free width 1.0x (random tokens)"] = loss(free)
     return res
 

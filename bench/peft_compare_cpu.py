@@ -49,7 +49,7 @@ def one(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     from algorithms.peft.base import PeftHandle
     from algorithms.peft.config import PeftConfig
-    from algorithms.peft.registry import apply_from_config
+    from algorithms.peft.registry import PEFT
     from service.spec.task import GeneratedTextData, PretrainedModel
     from workers.tasks.pretrained import TextClassificationTask
 
@@ -63,9 +63,9 @@ def one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     else:
         cfg: Any = TypeAdapter(PeftConfig).validate_python({"name": name, **HPARAMS[name]})
         init_stream = task.batches(rank=0, world=1, batch_size=args.batch, seed=7919)
-        n_init = int(getattr(cfg, "init_batches", 0) or 0)
+        n_init = cfg.init_batches_needed(args.batch)
         init = [task.model_inputs(b) for b in itertools.islice(init_stream, n_init)]
-        handle = apply_from_config(cfg, model, init, task_type="seq_classification")
+        handle = PEFT.build(cfg, model, init, task_type="seq_classification")
     init_s = time.perf_counter() - t0
     model = handle.model
     opt = torch.optim.AdamW(handle.param_groups(model, LR.get(name, LORA_LR)), weight_decay=0.0)

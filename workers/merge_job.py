@@ -29,15 +29,15 @@ import torch
 from torch import nn
 
 from algorithms.merging.adapters import fold_adapter, is_adapter_model
-from algorithms.merging.atlas import AtlasMerger
-from algorithms.merging.config import ADAPTER_BASE, MergeData
-from algorithms.merging.registry import build
+from algorithms.merging.base import MergeContext
+from algorithms.merging.config import ADAPTER_BASE, MergeBase, MergeData
+from algorithms.merging.registry import MERGERS
 from service.spec import ExperimentSpec
 from service.spec.task import BuiltinTaskSpec
 from workers.mlflow_log import RunLogger
 from workers.model_io import save_final_model
 from workers.tasks import build_task
-from workers.tasks.base import Task
+from workers.tasks.base import Task, to_device
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +206,22 @@ def draw_data(task: Task, data: MergeData) -> list[Any]:
     return [next(it) for _ in range(data.batches)]
 
 
+def merge_data(cfg: MergeBase, task: Task, device: torch.device) -> list[Any] | None:
+    """Batches for the merger: drawn when the spec gives ``merge.data`` or the method needs data."""
+    if cfg.data is None and not cfg.needs_data():
+        return None
+    return [to_device(b, device) for b in draw_data(task, cfg.data or MergeData())]
+
+
+def merge_context(cfg: MergeBase, task: Task, data: list[Any] | None) -> MergeContext:
+    """What the method's config says it needs from the task, and nothing else."""
+    shape = None
+    if data is None and cfg.needs_example_shape():
+        probe = next(task.batches(rank=0, world=1, batch_size=1, seed=0))
+        shape = list(probe[0].shape[1:])
+    return MergeContext(loss_fn=task.loss if cfg.needs_loss() else None, example_shape=shape)
+
+
 def device_for(spec: ExperimentSpec) -> torch.device:
     return torch.device("cuda" if spec.distributed.use_gpu and torch.cuda.is_available() else "cpu")
 
@@ -237,16 +253,8 @@ def run_merge(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_
     task = build_task(spec_eval)
     max_batches = spec_eval.train.eval_batches if spec_eval.train is not None else 8
 
-    hparams = cfg.hparams()
-    data = None
-    if cfg.data is not None or cfg.needs_data():
-        data = [tuple(t.to(device) for t in b) for b in draw_data(task, cfg.data or MergeData())]
-    elif cfg.method == "pleas" and hparams.get("input_shape") is None:  # PLeaS-free on noise
-        probe = next(task.batches(rank=0, world=1, batch_size=1, seed=0))
-        hparams["input_shape"] = list(probe[0].shape[1:])
-    merger = build(cfg.method, **hparams)
-    if isinstance(merger, AtlasMerger) and not merger.unlabelled:
-        merger.loss_fn = task.loss  # the task's own objective (cross-entropy, next-token, ...)
+    data = merge_data(cfg, task, device)
+    merger = MERGERS.build(cfg, merge_context(cfg, task, data))
     t0 = time.perf_counter()
     merged = merger.merge(models, base=base, data=data)
     seconds = time.perf_counter() - t0

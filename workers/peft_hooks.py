@@ -56,18 +56,15 @@ def init_device(spec: ExperimentSpec) -> torch.device:
 
 
 def apply_peft(spec: ExperimentSpec, model: nn.Module, task: Any) -> tuple[nn.Module, Any]:
-    from algorithms.peft.registry import apply_from_config
+    from algorithms.peft.registry import PEFT
 
     cfg = spec.peft
     assert cfg is not None
-    n_init = int(getattr(cfg, "init_batches", 0) or 0)
-    n_samples = int(getattr(cfg, "init_samples", 0) or 0)
-    if n_samples and not n_init:  # LoRA-SB counts samples: enough batches to hold them
-        n_init = -(-n_samples // init_batch_size(spec))
+    n_init = cfg.init_batches_needed(init_batch_size(spec))
     batches = None
     if n_init:
         device = init_device(spec)
         model.to(device)  # the loop moves it there next anyway
         batches = [{k: v.to(device) for k, v in b.items()} for b in init_batches(spec, task, n_init)]
-    handle = apply_from_config(cfg, model, batches, task_type=spec.task.kind)
+    handle = PEFT.build(cfg, model, batches, task_type=spec.task.kind)
     return handle.model, handle

@@ -29,7 +29,6 @@ the parameter's dtype.
 import copy
 import itertools
 from collections.abc import Callable, Iterable, Sequence
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,28 +38,16 @@ from torch.func import functional_call
 from algorithms.merging._state import check_compatible, module_with_state
 from algorithms.merging.adapters import unwrap_adapters
 from algorithms.merging.base import Batch
+from algorithms.merging.config import AtlasConfig
 from algorithms.merging.task_arithmetic import require_base
-
-Init = Literal["zero", "mean"] | float
 
 
 class AtlasMerger:
     def __init__(
-        self,
-        steps: int = 100,
-        lr: float = 1e-2,
-        weight_decay: float = 0.1,
-        unlabelled: bool = False,
-        init: Init = "zero",
-        blockwise: bool = True,
-        loss_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
+        self, cfg: AtlasConfig, loss_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None
     ) -> None:
-        if steps < 0:
-            raise ValueError(f"steps: must be >= 0, got {steps}")
-        if isinstance(init, str) and init not in ("zero", "mean"):
-            raise ValueError(f"init: 'zero', 'mean' or a number, got {init!r}")
-        self.steps, self.lr, self.weight_decay, self.unlabelled = steps, lr, weight_decay, unlabelled
-        self.init, self.blockwise = init, blockwise
+        self.steps, self.lr, self.weight_decay, self.unlabelled = cfg.steps, cfg.lr, cfg.weight_decay, cfg.unlabelled
+        self.init, self.blockwise = cfg.init, cfg.blockwise
         self.loss_fn = loss_fn  # used instead of cross-entropy when given (labelled mode)
         self.coefficients_: dict[str, torch.Tensor] = {}  # block name -> (n_tasks,) after merge()
         self.losses_: list[float] = []

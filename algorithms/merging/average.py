@@ -8,6 +8,7 @@ from torch import nn
 from algorithms.merging._state import StateDict, check_compatible, is_mergeable, module_with_state
 from algorithms.merging.adapters import unwrap_adapters
 from algorithms.merging.base import Batch
+from algorithms.merging.config import AverageConfig
 
 
 def average_state_dicts(sds: Sequence[StateDict], weights: Sequence[float] | None = None) -> StateDict:
@@ -35,8 +36,8 @@ def _normalised(weights: Sequence[float] | None, n: int) -> list[float]:
 
 
 class AverageMerger:
-    def __init__(self, weights: Sequence[float] | None = None) -> None:
-        self.weights = None if weights is None else list(weights)
+    def __init__(self, cfg: AverageConfig) -> None:
+        self.weights = None if cfg.weights is None else list(cfg.weights)
 
     def merge(
         self, models: Sequence[nn.Module], base: nn.Module | None = None, data: Iterable[Batch] | None = None

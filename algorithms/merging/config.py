@@ -1,9 +1,15 @@
 """Model merging methods: hyperparameters only (no torch import here).
 
 Each model is the ``merge`` section of a spec with ``task.kind: merge``. The fields ``method``,
-``inputs`` and ``base`` say what is merged (the worker resolves them to modules); every other
-field is a hyperparameter of the method and goes to ``algorithms.merging.build`` as a keyword
-(see ``MergeBase.hparams``).
+``inputs``, ``base`` and ``data`` say what is merged and on what (the worker resolves them to
+modules and batches); the others are the method's hyperparameters, which its merger reads from
+the typed config (``algorithms.merging.registry.MERGERS.build(cfg)``).
+
+What a method needs at merge time besides the inputs is declared here, and the merge job supplies
+it without knowing the method: ``NEEDS_BASE`` (the model the inputs were fine-tuned from, or their
+shared base under PEFT adapters), ``needs_data()`` (batches of ``task.dataset``), ``needs_loss()``
+(the task's own loss on a batch) and ``needs_example_shape()`` (one example's shape, when no data
+is drawn).
 """
 
 from typing import Annotated, ClassVar, Literal
@@ -11,11 +17,6 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from algorithms._config import StrictModel
-
-# Fields of the section that say *what* is merged or how the worker loads data; they are not
-# hyperparameters of the merger itself.
-_NOT_HPARAMS = frozenset({"method", "inputs", "base", "data"})
-
 
 # ``merge.base`` value: the inputs are PEFT adapter runs; the base is the frozen model under them.
 ADAPTER_BASE = "adapters"
@@ -32,6 +33,7 @@ class MergeData(StrictModel):
 
 class MergeBase(StrictModel):
     DISCRIMINATOR: ClassVar[str] = "method"
+    NEEDS_BASE: ClassVar[bool] = False  # merges task vectors: merge.base, or adapter inputs' shared base
 
     method: str
     inputs: list[str] = Field(
@@ -47,15 +49,17 @@ class MergeBase(StrictModel):
         description="data given to the merger; None: the defaults when the method needs data, else none",
     )
 
-    def needs_base(self) -> bool:
-        return False
-
     def needs_data(self) -> bool:
+        """Whether the merger needs batches of ``task.dataset`` (drawn with ``data`` or its defaults)."""
         return False
 
-    def hparams(self) -> dict[str, object]:
-        """The keyword arguments of the method's builder."""
-        return {k: v for k, v in self.model_dump().items() if k not in _NOT_HPARAMS}
+    def needs_loss(self) -> bool:
+        """Whether the merger trains on the task's own loss, ``loss_fn(model, batch)``."""
+        return False
+
+    def needs_example_shape(self) -> bool:
+        """Whether, when no data is drawn, the merger needs one example's shape (from the task)."""
+        return False
 
 
 class AverageConfig(MergeBase):
@@ -79,15 +83,16 @@ class AverageConfig(MergeBase):
 class TaskArithmeticConfig(MergeBase):
     """Ilharco et al. 2023: theta = base + scaling * sum_t (theta_t - base)."""
 
+    NEEDS_BASE: ClassVar[bool] = True
+
     method: Literal["task_arithmetic"]
     scaling: float = Field(default=1.0, gt=0.0, le=10.0)
-
-    def needs_base(self) -> bool:
-        return True
 
 
 class TiesConfig(MergeBase):
     """Yadav et al. 2023 (TIES-Merging): trim, elect sign, disjoint mean, then scale."""
+
+    NEEDS_BASE: ClassVar[bool] = True
 
     method: Literal["ties"]
     density: float = Field(default=0.2, gt=0.0, le=1.0, description="fraction of entries kept")
@@ -96,9 +101,6 @@ class TiesConfig(MergeBase):
         default="global",
         description="top-density by magnitude over the whole task vector (paper) or per tensor (peft)",
     )
-
-    def needs_base(self) -> bool:
-        return True
 
 
 class PleasConfig(MergeBase):
@@ -133,6 +135,9 @@ class PleasConfig(MergeBase):
     def needs_data(self) -> bool:
         return not self.data_free
 
+    def needs_example_shape(self) -> bool:
+        return self.data_free and self.input_shape is None  # PLeaS-free on noise of that shape
+
     @model_validator(mode="after")
     def _two_inputs(self) -> "PleasConfig":
         if len(self.inputs) != 2:
@@ -148,6 +153,8 @@ class AtlasConfig(MergeBase):
     except the learning rate: theirs is 1e-3 with a cosine schedule over thousands of steps; with
     the 100 constant-rate steps here 1e-3 would keep every coefficient within about 0.1 of its
     start, so the default is 1e-2 (set ``lr: 0.001`` and more ``steps`` to match them)."""
+
+    NEEDS_BASE: ClassVar[bool] = True
 
     method: Literal["atlas"]
     steps: int = Field(default=100, ge=0, le=100_000)
@@ -179,11 +186,11 @@ class AtlasConfig(MergeBase):
     def _null_init_is_mean(cls, value: object) -> object:
         return "mean" if value is None else value  # specs written when null meant 1 / number of inputs
 
-    def needs_base(self) -> bool:
-        return True
-
     def needs_data(self) -> bool:
         return self.steps > 0
+
+    def needs_loss(self) -> bool:
+        return self.steps > 0 and not self.unlabelled  # labelled fit: the task's loss, not a guess at it
 
 
 MergeConfig = Annotated[

@@ -37,6 +37,7 @@ from torch import nn
 from algorithms.merging._state import check_compatible
 from algorithms.merging.adapters import unwrap_adapters
 from algorithms.merging.base import Batch
+from algorithms.merging.config import PleasConfig
 from algorithms.merging.pleas_chain import (
     Chain,
     as_units,
@@ -50,24 +51,18 @@ from algorithms.merging.pleas_lstsq import design_rows, solve_grouped, target_ro
 from algorithms.merging.pleas_match import UnitMatch, match_units
 from algorithms.merging.pleas_transformer import is_llama_like, merge_llama_like
 
+NOISE_SEED = 0  # PLeaS-free on noise: the same standard-normal (or random-token) inputs every time
+
 
 class PleasMerger:
-    def __init__(
-        self,
-        target_width: float | None = None,
-        data_free: bool = False,
-        ridge: float = 1e-4,
-        propagate: bool = False,
-        input_shape: Sequence[int] | None = None,
-        noise_samples: int = 512,
-        seed: int = 0,
-    ) -> None:
-        if target_width is not None and not 0.0 < target_width <= 2.0:
-            raise ValueError(f"target_width: must be in (0, 2], got {target_width}")
-        self.target_width = 1.0 if target_width is None else float(target_width)
-        self.data_free, self.ridge, self.propagate = data_free, ridge, propagate
-        self.input_shape = None if input_shape is None else list(input_shape)
-        self.noise_samples, self.seed = noise_samples, seed
+    def __init__(self, cfg: PleasConfig, example_shape: Sequence[int] | None = None) -> None:
+        """``example_shape``: one example's shape from the task, for PLeaS-free on noise when the
+        config gives no ``input_shape``."""
+        self.target_width = 1.0 if cfg.target_width is None else float(cfg.target_width)
+        self.data_free, self.ridge, self.propagate = cfg.data_free, cfg.ridge, cfg.propagate
+        shape = cfg.input_shape if cfg.input_shape is not None else example_shape
+        self.input_shape = None if shape is None else list(shape)
+        self.noise_samples, self.seed = cfg.noise_samples, NOISE_SEED
         self.matches_: list[UnitMatch] = []
         self.named_matches_: dict[str, UnitMatch] = {}  # transformers: by block
         self.layer_errors_: list[float] = []  # relative squared error of each layer's fit

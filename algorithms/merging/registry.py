@@ -1,48 +1,48 @@
-"""The merging registry: method name -> builder of a ``Merger``.
+"""The merging registry: config class -> builder of a ``Merger``.
 
-``build("ties", density=0.3)`` or ``build_from_config(spec.merge)`` (the pydantic section of a
-spec with ``task.kind: merge``). Methods register themselves below with one explicit call each.
+``MERGERS.build(cfg)`` builds from the spec's validated ``merge`` section, ``MERGERS.build(cfg,
+context)`` with what the merge job knows of the task (a ``MergeContext``: the task's loss, an
+example's shape) where the config asks for it; ``build(name, inputs=[...], **fields)`` from a name
+and fields (validated once, by the config: ``inputs`` belong to it because some checks compare
+against their number). Builders read the typed config: defaults and bounds live in ``config.py``.
 """
 
-from collections.abc import Callable
-from typing import Any
-
+from algorithms.merging import config as C
 from algorithms.merging.atlas import AtlasMerger
 from algorithms.merging.average import AverageMerger
-from algorithms.merging.base import Merger
-from algorithms.merging.config import MergeBase
+from algorithms.merging.base import MergeContext, Merger
 from algorithms.merging.pleas import PleasMerger
 from algorithms.merging.task_arithmetic import TaskArithmeticMerger
 from algorithms.merging.ties import TiesMerger
+from algorithms.registry import Registry
 
-Builder = Callable[..., Merger]
+MERGERS: Registry[C.MergeBase, Merger] = Registry("merging method", C.MergeBase)
+build = MERGERS.build_named
+names = MERGERS.names
 
-_REGISTRY: dict[str, Builder] = {}
-
-
-def register(name: str, builder: Builder) -> None:
-    if name in _REGISTRY:
-        raise ValueError(f"merging method {name!r} is already registered")
-    _REGISTRY[name] = builder
+_NOTHING = MergeContext()
 
 
-def known() -> list[str]:
-    return sorted(_REGISTRY)
+@MERGERS.register(C.AverageConfig)
+def _average(cfg: C.AverageConfig, context: MergeContext = _NOTHING) -> Merger:
+    return AverageMerger(cfg)
 
 
-def build(name: str, **hparams: Any) -> Merger:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown merging method {name!r}; known: {', '.join(known())}")
-    return _REGISTRY[name](**hparams)
+@MERGERS.register(C.TaskArithmeticConfig)
+def _task_arithmetic(cfg: C.TaskArithmeticConfig, context: MergeContext = _NOTHING) -> Merger:
+    return TaskArithmeticMerger(cfg)
 
 
-def build_from_config(cfg: MergeBase) -> Merger:
-    """A merger from the spec's ``merge`` section (its hyperparameters; inputs are resolved by the caller)."""
-    return build(cfg.method, **cfg.hparams())
+@MERGERS.register(C.TiesConfig)
+def _ties(cfg: C.TiesConfig, context: MergeContext = _NOTHING) -> Merger:
+    return TiesMerger(cfg)
 
 
-register("average", AverageMerger)
-register("task_arithmetic", TaskArithmeticMerger)
-register("ties", TiesMerger)
-register("pleas", PleasMerger)
-register("atlas", AtlasMerger)
+@MERGERS.register(C.PleasConfig)
+def _pleas(cfg: C.PleasConfig, context: MergeContext = _NOTHING) -> Merger:
+    return PleasMerger(cfg, example_shape=context.example_shape)
+
+
+@MERGERS.register(C.AtlasConfig)
+def _atlas(cfg: C.AtlasConfig, context: MergeContext = _NOTHING) -> Merger:
+    return AtlasMerger(cfg, loss_fn=context.loss_fn)

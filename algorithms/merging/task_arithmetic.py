@@ -14,6 +14,7 @@ from algorithms.merging._state import (
 )
 from algorithms.merging.adapters import unwrap_adapters
 from algorithms.merging.base import Batch
+from algorithms.merging.config import TaskArithmeticConfig
 
 
 def task_arithmetic_state_dicts(
@@ -31,8 +32,8 @@ def require_base(base: nn.Module | None, method: str) -> nn.Module:
 
 
 class TaskArithmeticMerger:
-    def __init__(self, scaling: float = 1.0) -> None:
-        self.scaling = scaling
+    def __init__(self, cfg: TaskArithmeticConfig) -> None:
+        self.scaling = cfg.scaling
 
     def merge(
         self, models: Sequence[nn.Module], base: nn.Module | None = None, data: Iterable[Batch] | None = None

@@ -24,6 +24,7 @@ from algorithms.merging._state import (
 )
 from algorithms.merging.adapters import unwrap_adapters
 from algorithms.merging.base import Batch
+from algorithms.merging.config import TiesConfig
 from algorithms.merging.task_arithmetic import require_base
 
 
@@ -81,12 +82,8 @@ def ties_state_dicts(
 
 
 class TiesMerger:
-    def __init__(
-        self, density: float = 0.2, scaling: float = 1.0, trim_scope: Literal["global", "tensor"] = "global"
-    ) -> None:
-        if not 0.0 < density <= 1.0:
-            raise ValueError(f"density: must be in (0, 1], got {density}")
-        self.density, self.scaling, self.trim_scope = density, scaling, trim_scope
+    def __init__(self, cfg: TiesConfig) -> None:
+        self.density, self.scaling, self.trim_scope = cfg.density, cfg.scaling, cfg.trim_scope
 
     def merge(
         self, models: Sequence[nn.Module], base: nn.Module | None = None, data: Iterable[Batch] | None = None

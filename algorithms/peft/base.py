@@ -1,9 +1,10 @@
 """The contract between a PEFT method and the worker's training loop.
 
-``apply(name, model, **hparams)`` returns a :class:`PeftHandle`: the wrapped model plus the hooks
-the loop calls. The loop calls them in exactly this order on every step::
+``PEFT.build(cfg, model, batches, task_type=...)`` (or ``apply(name, model, **fields)``) returns a
+:class:`PeftHandle`: the wrapped model plus the hooks the loop calls. The loop calls them in
+exactly this order on every step::
 
-    handle = apply_from_config(cfg, model, init_batches=..., task_type=...)
+    handle = PEFT.build(cfg, model, init_batches, task_type=...)
     groups = handle.param_groups(handle.model, lr)          # once, to build the optimizer
     optimizer = torch.optim.AdamW(groups, lr=lr)
     for step, batch in enumerate(loader):

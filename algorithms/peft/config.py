@@ -2,7 +2,8 @@
 
 Each model's fields (less ``name``) are what the method's builder in ``registry.py`` passes on;
 the papers each follows are named in the method modules. What a method needs from the run is
-declared on its config (class attributes), and the spec's rules ask the config.
+declared on its config (class attributes, and ``init_batches_needed`` for the training batches of
+a data-driven initialisation), and the spec's rules and the worker ask the config.
 """
 
 from typing import Annotated, ClassVar, Literal, get_args
@@ -25,8 +26,15 @@ class PeftBase(StrictModel):
     CHANGES_TRAINABLE_SET: ClassVar[bool] = False
     # Reads gradients after backward, before a loss scaler would unscale them.
     TOLERATES_LOSS_SCALING: ClassVar[bool] = True
+    # The adapted model computes what the base model did until the first step (LoRA's B = 0, CorDA's
+    # residual base, layer-wise methods that only choose what trains); the contract test holds it.
+    KEEPS_OUTPUT_AT_INIT: ClassVar[bool] = True
 
     name: str
+
+    def init_batches_needed(self, batch_size: int) -> int:
+        """Training batches (of ``batch_size`` samples) its initialisation reads; 0: none."""
+        return 0
 
     def check_distributed(self, strategy: str, zero_stage: int | None, num_workers: int, precision: str) -> None:
         """Raise ValueError when this method cannot run under the strategy / ZeRO stage / workers / precision."""
@@ -66,6 +74,9 @@ class EVAConfig(LoRABase):
     rho: float = Field(default=2.0, ge=1.0)
     init_batches: int = Field(default=4, ge=1)
 
+    def init_batches_needed(self, batch_size: int) -> int:
+        return self.init_batches
+
 
 class CorDAConfig(LoRABase):
     RUNS_UNDER_DEEPSPEED: ClassVar[bool] = True
@@ -73,6 +84,9 @@ class CorDAConfig(LoRABase):
     name: Literal["corda"]
     mode: Literal["ipm", "kpm"] = "ipm"
     init_batches: int = Field(default=4, ge=1)
+
+    def init_batches_needed(self, batch_size: int) -> int:
+        return self.init_batches
 
 
 class LoRAGGPOConfig(LoRABase):
@@ -112,6 +126,7 @@ class ALLoRAConfig(LoRABase):
 
 class LoRASBConfig(LoRABase):
     RUNS_UNDER_DEEPSPEED: ClassVar[bool] = True
+    KEEPS_OUTPUT_AT_INIT: ClassVar[bool] = False  # starts at the best rank-r estimate of a first update
 
     name: Literal["lora_sb"]
     init_samples: int = Field(default=170, ge=1, description=(
@@ -123,6 +138,10 @@ class LoRASBConfig(LoRABase):
         "first update estimated as -init_lr * sign(summed gradient) (the authors', Adam's first "
         "step) or as -init_lr * mean gradient (an SGD step)"))
     init_lr: float = Field(default=1e-3, gt=0.0, description="lr of the approximated first full step")
+
+    def init_batches_needed(self, batch_size: int) -> int:
+        """Counts samples: enough batches to hold ``init_samples`` unless ``init_batches`` caps them."""
+        return self.init_batches or -(-self.init_samples // batch_size)
 
 
 class LISAConfig(PeftBase):
@@ -151,6 +170,9 @@ class OwLoreConfig(PeftBase):
     scale: float = Field(default=1.0, gt=0.0, description="GaLore update scale (the authors: 1.0)")
     init_batches: int = Field(default=0, ge=0, description="batches for input norms; 0: weights only")
     seed: int = Field(default=0, ge=0)
+
+    def init_batches_needed(self, batch_size: int) -> int:
+        return self.init_batches
 
 
 PeftConfig = Annotated[

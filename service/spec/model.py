@@ -75,7 +75,7 @@ class ExperimentSpec(StrictModel):
     def _check_merge(self) -> None:
         if self.merge is None:
             raise ValueError("merge.method: task.kind 'merge' needs a merge section")
-        if self.merge.needs_base() and self.merge.base is None:
+        if self.merge.NEEDS_BASE and self.merge.base is None:
             raise ValueError(f"merge.base: required by merge.method {self.merge.method!r}")
         for section in ("optimizer", "peft", "sweep"):
             if getattr(self, section) is not None:

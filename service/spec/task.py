@@ -6,7 +6,7 @@ feature), and ``command`` (the user's own script, run as the job).
 """
 
 import string
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -125,6 +125,8 @@ _ALLOWED = {
 
 
 class BuiltinTaskSpec(StrictModel):
+    DISCRIMINATOR: ClassVar[str] = "kind"
+
     kind: Literal["image_classification", "causal_lm", "seq_classification", "merge"]
     dataset: DatasetSpec
     model: ModelSpec | None = Field(default=None, description="required except for merge")
@@ -163,6 +165,8 @@ class CustomTaskSpec(StrictModel):
     ``train_dataset()``, ``eval_dataset()`` (or None), ``loss(model, batch)`` and optionally
     ``metrics(model, batch)`` (README, "Your own code")."""
 
+    DISCRIMINATOR: ClassVar[str] = "kind"
+
     kind: Literal["custom"]
     entrypoint: str = Field(pattern=ENTRYPOINT, max_length=512,
                             description="module:function, e.g. mylab.task:build")
@@ -174,6 +178,8 @@ class CommandTaskSpec(StrictModel):
     ``MLFLOW_TRACKING_URI`` and ``MLFLOW_RUN_ID`` set; its exit code decides the run's status.
     ``{name}`` in the command is replaced by ``params.name`` (a sweep over ``task.params.name``
     substitutes each trial's value); ``{{`` and ``}}`` are literal braces."""
+
+    DISCRIMINATOR: ClassVar[str] = "kind"
 
     kind: Literal["command"]
     command: str = Field(min_length=1, max_length=10_000)

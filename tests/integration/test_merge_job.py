@@ -150,7 +150,7 @@ def test_worker_merges_lora_runs_by_their_adapter_deltas(tmp_path: Path) -> None
 
         a, _ = load_model(str(folders[0]))
         b, _ = load_model(str(folders[1]))
-        merged = build("task_arithmetic").merge([a, b]).state_dict()
+        merged = build("task_arithmetic", inputs=[str(f) for f in folders]).merge([a, b]).state_dict()
     for k, w0 in base.items():
         torch.testing.assert_close(merged[k], dense[0][k] + dense[1][k] - w0, atol=1e-5, rtol=1e-5, msg=k)
 

@@ -114,3 +114,13 @@ def permuted_llama(model: nn.Module, seed: int = 1) -> nn.Module:
             att.v_proj.weight.copy_(att.v_proj.weight[v_rows])
             att.o_proj.weight.copy_(att.o_proj.weight[:, o_cols])
     return out  # type: ignore[no-any-return]
+
+
+def make_merger(name: str, context: Any = None, **fields: Any) -> Any:
+    """The merger of method ``name`` with ``fields`` (validated by its config); ``inputs`` are the
+    references the worker would resolve, so any two names do here unless a test gives its own."""
+    from algorithms.merging.base import MergeContext
+    from algorithms.merging.registry import MERGERS
+
+    cfg = MERGERS.config(name, **{"inputs": ["a", "b"], **fields})
+    return MERGERS.build(cfg, context or MergeContext())

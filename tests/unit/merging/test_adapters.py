@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from algorithms.merging.registry import build
 from algorithms.merging.ties import ties_state_dicts
+
+from ._models import make_merger
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -47,7 +48,7 @@ def _deltas(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_task_arithmetic_on_adapters_adds_their_deltas_to_the_shared_base() -> None:
     base = _base()
     a, b = _adapted(base, 1), _adapted(base, 2)
-    merged = build("task_arithmetic", scaling=0.5).merge([a, b])  # no base given: the shared frozen one
+    merged = make_merger("task_arithmetic", scaling=0.5).merge([a, b])  # no base given: the shared frozen one
     da, db = _deltas(a), _deltas(b)
     assert len(da) == 2 * len(TARGETS)
     b_sd, m_sd = base.state_dict(), merged.state_dict()
@@ -58,7 +59,7 @@ def test_task_arithmetic_on_adapters_adds_their_deltas_to_the_shared_base() -> N
     ids = torch.randint(0, 32, (2, 8))
     a.eval()
     with torch.no_grad():  # and the same adapter merged with itself at scaling 1/2 is that adapter
-        same = build("task_arithmetic", scaling=0.5).merge([a, copy.deepcopy(a)])
+        same = make_merger("task_arithmetic", scaling=0.5).merge([a, copy.deepcopy(a)])
         torch.testing.assert_close(same(input_ids=ids).logits, a(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
@@ -68,11 +69,11 @@ def test_ties_and_average_on_adapters_merge_the_deltas() -> None:
     deltas = [_deltas(m) for m in models]
     b_sd = {k: v.detach() for k, v in base.state_dict().items()}
     sds = [{k: (v + d[k] if k in d else v) for k, v in b_sd.items()} for d in deltas]
-    merged = build("ties", density=0.3, scaling=1.0).merge(models)
+    merged = make_merger("ties", density=0.3, scaling=1.0).merge(models)
     expect = ties_state_dicts(sds, b_sd, density=0.3, scaling=1.0)
     for k, v in merged.state_dict().items():
         torch.testing.assert_close(v, expect[k].to(v.dtype), atol=1e-6, rtol=1e-6, msg=k)
-    avg = build("average").merge(models).state_dict()
+    avg = make_merger("average").merge(models).state_dict()
     for k, w0 in b_sd.items():
         expect_k = w0 + sum(d[k] for d in deltas) / 3 if k in deltas[0] else w0
         torch.testing.assert_close(avg[k], expect_k, atol=1e-6, rtol=1e-6, msg=k)
@@ -85,9 +86,9 @@ def test_adapters_on_different_bases_need_an_explicit_base() -> None:
         next(other.parameters()).add_(1.0)
     b = _adapted(other, 2)
     with pytest.raises(ValueError, match="different base"):
-        build("task_arithmetic").merge([a, b])
+        make_merger("task_arithmetic").merge([a, b])
     with pytest.raises(ValueError, match="every input"):
-        build("average").merge([a, _base()])
+        make_merger("average").merge([a, _base()])
 
 
 def test_pleas_on_adapter_models_merges_their_dense_equivalents() -> None:
@@ -99,7 +100,7 @@ def test_pleas_on_adapter_models_merges_their_dense_equivalents() -> None:
                 p.uniform_(0.5, 1.5)
     a = _adapted(base, 1).eval()
     ids = torch.randint(0, 32, (8, 16))
-    merged = build("pleas", ridge=0.0).merge([a, copy.deepcopy(a)], data=[ids])
+    merged = make_merger("pleas", ridge=0.0).merge([a, copy.deepcopy(a)], data=[ids])
     assert not hasattr(merged, "peft_config")
     new = torch.randint(0, 32, (3, 12))
     with torch.no_grad():

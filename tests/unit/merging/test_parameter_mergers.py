@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from algorithms.merging.atlas import AtlasMerger
-from algorithms.merging.registry import build
+from algorithms.merging.base import MergeContext
 from algorithms.merging.ties import ties_state_dicts, trim_top_magnitude
 
-from ._models import assert_same_state, digits_mlp, state_of
+from ._models import assert_same_state, digits_mlp, make_merger, state_of
 
 
 class Pair(nn.Module):
@@ -39,7 +39,7 @@ def test_merging_identical_models_returns_the_model(name: str, hparams: dict, ne
     for c in copies[1:]:
         c.load_state_dict(model.state_dict())
     before = [state_of(m) for m in copies]
-    merged = build(name, **hparams).merge(copies, base=base if needs_base else None, data=[x])
+    merged = make_merger(name, **hparams).merge(copies, base=base if needs_base else None, data=[x])
     assert merged is not model
     torch.testing.assert_close(merged(x), model(x), atol=1e-5, rtol=1e-5)
     if name != "pleas":  # pleas refits the layers: the same function, weights equal up to round-off
@@ -50,10 +50,10 @@ def test_merging_identical_models_returns_the_model(name: str, hparams: dict, ne
 
 def test_average_by_hand_weighted_and_integer_buffers_copied() -> None:
     m1, m2 = Pair([1.0, 2.0], [0.0]), Pair([3.0, -2.0], [4.0])
-    out = build("average").merge([m1, m2])
+    out = make_merger("average").merge([m1, m2])
     torch.testing.assert_close(out.a, torch.tensor([2.0, 0.0]))
     torch.testing.assert_close(out.b, torch.tensor([2.0]))
-    out = build("average", weights=[1.0, 3.0]).merge([m1, m2])  # normalised to 1/4, 3/4
+    out = make_merger("average", weights=[1.0, 3.0]).merge([m1, m2])  # normalised to 1/4, 3/4
     torch.testing.assert_close(out.a, torch.tensor([2.5, -1.0]))
     torch.testing.assert_close(out.b, torch.tensor([3.0]))
     steps = out.get_buffer("steps")
@@ -63,12 +63,12 @@ def test_average_by_hand_weighted_and_integer_buffers_copied() -> None:
 def test_task_arithmetic_by_hand() -> None:
     base = Pair([1.0, 1.0], [0.0])
     m1, m2 = Pair([2.0, 0.0], [1.0]), Pair([1.0, 3.0], [-3.0])
-    out = build("task_arithmetic", scaling=0.5).merge([m1, m2], base=base)
+    out = make_merger("task_arithmetic", scaling=0.5).merge([m1, m2], base=base)
     # tau1 = [1, -1 | 1], tau2 = [0, 2 | -3]; base + 0.5 * (tau1 + tau2)
     torch.testing.assert_close(out.a, torch.tensor([1.5, 1.5]))
     torch.testing.assert_close(out.b, torch.tensor([-1.0]))
     with pytest.raises(ValueError, match="needs a base"):
-        build("task_arithmetic").merge([m1, m2])
+        make_merger("task_arithmetic").merge([m1, m2])
 
 
 def test_ties_hand_computed_example() -> None:
@@ -82,7 +82,7 @@ def test_ties_hand_computed_example() -> None:
     # the same through the merger, on modules
     m_base = Pair([1.0, 1.0], [1.0, 1.0])
     mods = [Pair(t[:2], t[2:]) for t in ([4.0, 0.0, 1.5, -3.0], [-1.0, -1.0, 2.0, 2.0], [2.0, 4.0, 0.8, 0.9])]
-    merged = build("ties", density=0.5, scaling=0.5, trim_scope="global").merge(mods, base=m_base)
+    merged = make_merger("ties", density=0.5, scaling=0.5, trim_scope="global").merge(mods, base=m_base)
     torch.testing.assert_close(merged.a, torch.tensor([2.0, 2.5]))
     torch.testing.assert_close(merged.b, torch.tensor([1.0, -1.0]))
 
@@ -148,7 +148,7 @@ def test_atlas_at_zero_steps_starts_where_init_says(init: str) -> None:
     models = [digits_mlp(16, 16) for _ in range(2)]
     for m in models:
         m.load_state_dict({k: v + 0.1 * torch.randn_like(v) for k, v in bs.items()})
-    merger = AtlasMerger(steps=0) if init == "zero" else AtlasMerger(steps=0, init="mean")
+    merger = make_merger("atlas", steps=0) if init == "zero" else make_merger("atlas", steps=0, init="mean")
     merged = merger.merge(models, base=base).state_dict()
     if init == "zero":
         for k, v in bs.items():
@@ -167,7 +167,7 @@ def test_atlas_one_coefficient_per_task_is_learned_task_arithmetic() -> None:
     base, teacher, models, x = _teacher_problem()
     with torch.no_grad():
         probs = torch.softmax(teacher(x), dim=-1)
-    merger = AtlasMerger(steps=60, lr=0.05, blockwise=False)
+    merger = make_merger("atlas", steps=60, lr=0.05, blockwise=False)
     merged = merger.merge(models, base=base, data=[(x, probs)]).state_dict()
     lam = merger.coefficients_["1.weight"]
     for c in merger.coefficients_.values():
@@ -186,7 +186,7 @@ def test_atlas_recovers_the_blockwise_optimum() -> None:
     base, teacher, models, x = _teacher_problem()
     with torch.no_grad():
         probs = torch.softmax(teacher(x), dim=-1)
-    merger = AtlasMerger(steps=300, lr=0.1, weight_decay=0.0)
+    merger = make_merger("atlas", steps=300, lr=0.1, weight_decay=0.0)
     merged = merger.merge(models, base=base, data=[(x, probs)])
     coef = merger.coefficients_
     for block in HIDDEN:
@@ -211,7 +211,7 @@ def test_atlas_with_a_callers_loss_function() -> None:
     def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return ((model(batch[0]) - batch[1]) ** 2).mean()
 
-    merger = AtlasMerger(steps=300, lr=0.1, weight_decay=0.0, loss_fn=loss_fn)
+    merger = make_merger("atlas", MergeContext(loss_fn=loss_fn), steps=300, lr=0.1, weight_decay=0.0)
     merger.merge(models, base=base, data=[(x, target)])
     assert abs(float(merger.coefficients_["1.weight"][0]) - 0.25) < 0.02
     assert abs(float(merger.coefficients_["5.weight"][1]) - 2.0) < 0.02
@@ -225,7 +225,7 @@ def test_atlas_moves_the_coefficients_from_zero_and_lowers_its_objective(unlabel
     model, than the start, which is the base."""
     base, teacher, models, x = _teacher_problem()
     y = teacher(x).argmax(1).detach()
-    merger = AtlasMerger(steps=20, unlabelled=unlabelled, blockwise=blockwise)
+    merger = make_merger("atlas", steps=20, unlabelled=unlabelled, blockwise=blockwise)
     merged = merger.merge(models, base=base, data=_batches(x) if unlabelled else _batches(x, y))
 
     def objective(model: nn.Module, n: int = len(x)) -> float:
@@ -248,7 +248,7 @@ def test_atlas_weight_decay_is_decoupled(weight_decay: float) -> None:
     'mean' start 1/2 (Adam with an L2 term would step by about lr instead)."""
     base, teacher, models, x = _teacher_problem()
     y = teacher(x).argmax(1).detach()
-    merger = AtlasMerger(steps=10, lr=0.01, weight_decay=weight_decay, init="mean")
+    merger = make_merger("atlas", steps=10, lr=0.01, weight_decay=weight_decay, init="mean")
     merger.merge(models, base=base, data=_batches(x, y))
     expect = 0.5 * (1.0 - 0.01 * weight_decay) ** 10
     for block in HIDDEN:
@@ -262,7 +262,7 @@ def test_atlas_keeps_a_bf16_model_in_bf16() -> None:
     base, teacher, models, x = _teacher_problem()
     y = teacher(x).argmax(1).detach()
     base, models = base.to(torch.bfloat16), [m.to(torch.bfloat16) for m in models]
-    merger = AtlasMerger(steps=5, lr=0.05)
+    merger = make_merger("atlas", steps=5, lr=0.05)
     merged = merger.merge(models, base=base, data=_batches(x.to(torch.bfloat16), y))
     assert all(p.dtype == torch.bfloat16 for p in merged.parameters())
     assert all(c.dtype == torch.float32 for c in merger.coefficients_.values())
@@ -277,4 +277,4 @@ def test_atlas_keeps_a_bf16_model_in_bf16() -> None:
 
 def test_mismatched_models_are_refused() -> None:
     with pytest.raises(ValueError, match="shape"):
-        build("average").merge([digits_mlp(16, 16), digits_mlp(32, 16)])
+        make_merger("average").merge([digits_mlp(16, 16), digits_mlp(32, 16)])

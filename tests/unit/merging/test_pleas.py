@@ -5,13 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from algorithms.merging.pleas import PleasMerger
 from algorithms.merging.pleas_lstsq import least_squares, solve_grouped
 from algorithms.merging.pleas_match import correlation, match_units
-from algorithms.merging.registry import build
 from workers.tasks.digits import build_cnn, build_mlp
 
-from ._models import digits_cnn, digits_mlp, permuted_copy
+from ._models import digits_cnn, digits_mlp, make_merger, permuted_copy
 
 # name -> (builder, one example's input shape); the built-in digits task's models take (1, 8, 8)
 BUILDERS = {
@@ -66,7 +64,7 @@ def test_model_and_its_permuted_copy_merge_back_to_the_model(arch: str, target_w
     model, shape = _live_model(arch)
     copy_ = permuted_copy(model, seed=1)
     x_fit, x_new = torch.randn(400, *shape), torch.randn(200, *shape)
-    merger = PleasMerger(ridge=0.0, target_width=target_width)
+    merger = make_merger("pleas", ridge=0.0, target_width=target_width)
     merged = merger.merge([model, copy_], data=[(x_fit, torch.zeros(400))])
     with torch.no_grad():
         torch.testing.assert_close(merged(x_new), model(x_new), atol=2e-5, rtol=1e-5)
@@ -85,7 +83,7 @@ def test_width_two_keeps_both_models_side_by_side_and_is_the_ensemble(arch: str)
     torch.manual_seed(0)
     (a, shape), (b, _) = _live_model(arch), _live_model(arch)
     x_fit, x_new = torch.randn(500, *shape), torch.randn(200, *shape)
-    merger = PleasMerger(ridge=0.0, target_width=2.0)
+    merger = make_merger("pleas", ridge=0.0, target_width=2.0)
     merged = merger.merge([a, b], data=[x_fit])
     assert all(len(m.pairs_a) == 0 for m in merger.matches_[:-1])
     with torch.no_grad():
@@ -96,7 +94,7 @@ def test_merged_width_follows_target_width() -> None:
     torch.manual_seed(0)
     a, b = digits_mlp(32, 24), digits_mlp(32, 24)
     for tw, widths in [(1.0, (32, 24)), (1.25, (40, 30)), (0.5, (16, 12))]:
-        merged = build("pleas", target_width=tw).merge([a, b], data=[torch.randn(300, 64)])
+        merged = make_merger("pleas", target_width=tw).merge([a, b], data=[torch.randn(300, 64)])
         linears = [m for m in merged.modules() if isinstance(m, nn.Linear)]
         assert tuple(lin.out_features for lin in linears[:-1]) == widths
         assert linears[-1].out_features == 10
@@ -109,7 +107,7 @@ def test_each_layer_fit_is_no_worse_than_permute_then_average() -> None:
     torch.manual_seed(0)
     a, b = digits_mlp(32, 24), digits_mlp(32, 24)
     x = torch.randn(600, 64)
-    merger = PleasMerger(ridge=0.0)
+    merger = make_merger("pleas", ridge=0.0)
     merger.merge([a, b], data=[x])
     la = [m for m in a if isinstance(m, nn.Linear)]
     lb = [m for m in b if isinstance(m, nn.Linear)]
@@ -135,7 +133,7 @@ def test_propagate_fits_on_the_merged_models_own_inputs() -> None:
     torch.manual_seed(0)
     a, _ = _live_model("mlp")
     x, x_new = torch.randn(400, 64), torch.randn(100, 64)
-    merged = build("pleas", ridge=0.0, propagate=True).merge([a, permuted_copy(a)], data=[x])
+    merged = make_merger("pleas", ridge=0.0, propagate=True).merge([a, permuted_copy(a)], data=[x])
     with torch.no_grad():
         torch.testing.assert_close(merged(x_new), a(x_new), atol=2e-5, rtol=1e-5)
 
@@ -143,33 +141,33 @@ def test_propagate_fits_on_the_merged_models_own_inputs() -> None:
 def test_data_free_uses_noise_inputs_and_needs_a_shape_when_it_cannot_infer_one() -> None:
     torch.manual_seed(0)
     a, _ = _live_model("mlp")
-    merged = build("pleas", data_free=True, ridge=0.0).merge([a, permuted_copy(a)])
+    merged = make_merger("pleas", data_free=True, ridge=0.0).merge([a, permuted_copy(a)])
     x_new = torch.rand(100, 64)  # not the noise it was fitted on
     with torch.no_grad():
         torch.testing.assert_close(merged(x_new), a(x_new), atol=2e-5, rtol=1e-5)
     cnn, _ = _live_model("cnn_pool")
     with pytest.raises(ValueError, match="input_shape"):
-        build("pleas", data_free=True).merge([cnn, permuted_copy(cnn)])
-    merged = build("pleas", data_free=True, input_shape=[64], ridge=0.0).merge([cnn, permuted_copy(cnn)])
+        make_merger("pleas", data_free=True).merge([cnn, permuted_copy(cnn)])
+    merged = make_merger("pleas", data_free=True, input_shape=[64], ridge=0.0).merge([cnn, permuted_copy(cnn)])
     with torch.no_grad():
         torch.testing.assert_close(merged(x_new), cnn(x_new), atol=2e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="needs data"):
-        build("pleas").merge([a, permuted_copy(a)])
+        make_merger("pleas").merge([a, permuted_copy(a)])
 
 
 def test_inputs_are_not_modified_and_unsupported_models_are_refused() -> None:
     torch.manual_seed(0)
     a, b = digits_mlp(), digits_mlp()
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (a, b)]
-    build("pleas").merge([a, b], data=[torch.randn(100, 64)])
+    make_merger("pleas").merge([a, b], data=[torch.randn(100, 64)])
     for m, s in zip((a, b), before, strict=True):
         for k, v in m.state_dict().items():
             assert torch.equal(v, s[k])
     with pytest.raises(ValueError, match="exactly 2"):
-        build("pleas").merge([a, b, digits_mlp()], data=[torch.randn(10, 64)])
+        make_merger("pleas").merge([a, b, digits_mlp()], data=[torch.randn(10, 64)])
     norm = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="LayerNorm"):
-        build("pleas").merge([norm, norm], data=[torch.randn(10, 4)])
+        make_merger("pleas").merge([norm, norm], data=[torch.randn(10, 4)])
 
 
 # ---- step 1: matching ---------------------------------------------------------------------------

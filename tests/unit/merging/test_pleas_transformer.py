@@ -6,11 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from algorithms.merging.pleas import PleasMerger
 from algorithms.merging.pleas_transformer import fold_norms
-from algorithms.merging.registry import build
 
-from ._models import permuted_llama, tiny_llama
+from ._models import make_merger, permuted_llama, tiny_llama
 
 pytest.importorskip("transformers")
 
@@ -37,7 +35,7 @@ def test_transformer_and_its_permuted_copy_merge_back_to_it(kv_heads: int, targe
     model = tiny_llama(0, kv_heads=kv_heads)
     copy_ = permuted_llama(model, seed=3)
     fit, new = torch.randint(0, 32, (8, 16)), torch.randint(0, 32, (4, 20))
-    merger = PleasMerger(ridge=0.0, target_width=target_width)
+    merger = make_merger("pleas", ridge=0.0, target_width=target_width)
     merged = merger.merge([model, copy_], data=[fit])
     torch.testing.assert_close(_logits(merged, new), _logits(model, new), atol=2e-5, rtol=1e-5)
     assert merged.config.intermediate_size == round(target_width * 24)  # type: ignore[union-attr]
@@ -55,14 +53,14 @@ def test_propagate_refits_on_the_merged_models_own_inputs() -> None:
     model's actual features, so its logits are closer to the ensemble's than without refitting."""
     model = tiny_llama(0)
     fit, new = torch.randint(0, 32, (8, 16)), torch.randint(0, 32, (4, 20))
-    merged = PleasMerger(ridge=0.0, propagate=True).merge([model, permuted_llama(model)], data=[fit])
+    merged = make_merger("pleas", ridge=0.0, propagate=True).merge([model, permuted_llama(model)], data=[fit])
     torch.testing.assert_close(_logits(merged, new), _logits(model, new), atol=2e-5, rtol=1e-5)
     # different models: the refitted output layer is the least-squares optimum on the merged
     # model's own features, so it beats the non-refitted one's output layer on those features
     other = tiny_llama(5)
     ensemble = (_logits(model, fit) + _logits(other, fit)) / 2
-    prop = PleasMerger(ridge=0.0, propagate=True).merge([model, other], data=[fit])
-    plain = PleasMerger(ridge=0.0).merge([model, other], data=[fit])
+    prop = make_merger("pleas", ridge=0.0, propagate=True).merge([model, other], data=[fit])
+    plain = make_merger("pleas", ridge=0.0).merge([model, other], data=[fit])
     feats: list[torch.Tensor] = []
     handle = prop.lm_head.register_forward_hook(lambda m, a, o: feats.append(a[0]))  # type: ignore[union-attr]
     _logits(prop, fit)
@@ -75,7 +73,7 @@ def test_propagate_refits_on_the_merged_models_own_inputs() -> None:
 
 def test_data_free_transformer_merge_uses_random_tokens() -> None:
     model = tiny_llama(0)
-    merged = PleasMerger(data_free=True, ridge=0.0, noise_samples=16, input_shape=[16]).merge(
+    merged = make_merger("pleas", data_free=True, ridge=0.0, noise_samples=16, input_shape=[16]).merge(
         [model, permuted_llama(model)]
     )
     new = torch.randint(0, 32, (4, 20))
@@ -96,7 +94,7 @@ def test_identical_transformers_merge_to_the_model(name: str, hparams: dict, nee
     model = tiny_llama(0)
     twin = copy.deepcopy(model)
     ids = torch.randint(0, 32, (4, 16))
-    merged = build(name, **hparams).merge([model, twin], base=tiny_llama(7) if needs_base else None, data=[ids])
+    merged = make_merger(name, **hparams).merge([model, twin], base=tiny_llama(7) if needs_base else None, data=[ids])
     new = torch.randint(0, 32, (3, 10))
     torch.testing.assert_close(_logits(merged, new), _logits(model, new), atol=2e-5, rtol=1e-5)
 
@@ -104,10 +102,10 @@ def test_identical_transformers_merge_to_the_model(name: str, hparams: dict, nee
 def test_different_transformers_merge_and_unsupported_cases_are_refused() -> None:
     a, b = tiny_llama(0), tiny_llama(5)
     ids = torch.randint(0, 32, (8, 16))
-    merged = PleasMerger(target_width=0.5).merge([a, b], data=[ids])
+    merged = make_merger("pleas", target_width=0.5).merge([a, b], data=[ids])
     assert merged.config.intermediate_size == 12  # type: ignore[union-attr]
     assert _logits(merged, ids).shape == (8, 16, 32)
     tied = tiny_llama(0)
     tied.lm_head.weight = tied.model.embed_tokens.weight  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="tied"):
-        PleasMerger().merge([tied, copy.deepcopy(tied)], data=[ids])
+        make_merger("pleas").merge([tied, copy.deepcopy(tied)], data=[ids])

@@ -4,9 +4,10 @@ import sys
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from algorithms.merging.base import Merger
+from algorithms.merging import config as C
+from algorithms.merging.base import MergeContext, Merger
 from algorithms.merging.config import MergeConfig
-from algorithms.merging.registry import build, build_from_config, known, register
+from algorithms.merging.registry import MERGERS, build, names
 
 CONFIGS = [
     {"method": "average", "inputs": ["a", "b"], "weights": [1.0, 3.0]},
@@ -21,9 +22,9 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("raw", CONFIGS, ids=lambda r: r["method"])
-def test_build_from_config_passes_hyperparameters(raw: dict) -> None:
+def test_a_spec_section_builds_a_merger_that_reads_its_hyperparameters(raw: dict) -> None:
     cfg = TypeAdapter(MergeConfig).validate_python(raw)
-    merger = build_from_config(cfg)
+    merger = MERGERS.build(cfg)
     assert isinstance(merger, Merger)
     for key, value in raw.items():
         if key not in ("method", "inputs", "base"):
@@ -31,11 +32,25 @@ def test_build_from_config_passes_hyperparameters(raw: dict) -> None:
 
 
 def test_known_methods_and_errors() -> None:
-    assert known() == ["atlas", "average", "pleas", "task_arithmetic", "ties"]
+    assert names() == ["atlas", "average", "pleas", "task_arithmetic", "ties"]
     with pytest.raises(ValueError, match="unknown merging method 'soup'.*average"):
-        build("soup")
-    with pytest.raises(ValueError, match="already registered"):
-        register("ties", lambda **kw: build("ties"))
+        build("soup", inputs=["a", "b"])
+    with pytest.raises(ValueError, match="merging method 'ties' is already registered"):
+        MERGERS.register(C.TiesConfig, lambda cfg, context=None: build("ties", inputs=["a", "b"]))
+    with pytest.raises(TypeError, match="configured by TiesConfig"):  # a config of another method's class
+        MERGERS.build(C.TaskArithmeticConfig.model_construct(method="ties", inputs=["a", "b"], scaling=1.0))
+
+
+def test_the_context_reaches_the_methods_that_ask_for_it() -> None:
+    def loss_fn(model: object, batch: object) -> object:
+        return batch
+
+    atlas = build("atlas", MergeContext(loss_fn=loss_fn), inputs=["a", "b"])
+    assert atlas.loss_fn is loss_fn  # type: ignore[attr-defined]
+    pleas = build("pleas", MergeContext(example_shape=[4, 4]), inputs=["a", "b"], data_free=True)
+    assert pleas.input_shape == [4, 4]  # type: ignore[attr-defined]
+    own = build("pleas", MergeContext(example_shape=[4, 4]), inputs=["a", "b"], data_free=True, input_shape=[16])
+    assert own.input_shape == [16]  # type: ignore[attr-defined]  # the spec's shape wins
 
 
 @pytest.mark.parametrize(
@@ -65,14 +80,19 @@ def test_config_does_not_import_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_data_section_and_adapter_base_are_not_hyperparameters() -> None:
+def test_each_config_declares_what_its_merge_needs() -> None:
     raw = {"method": "atlas", "inputs": ["a", "b"], "base": "adapters", "steps": 3,
            "data": {"batches": 2, "batch_size": 16}}  # fmt: skip
     cfg = TypeAdapter(MergeConfig).validate_python(raw)
-    assert cfg.hparams() == {"steps": 3, "lr": 0.01, "weight_decay": 0.1, "unlabelled": False, "init": "zero",
-                             "blockwise": True}  # fmt: skip
-    assert cfg.data is not None and cfg.data.batches == 2 and cfg.needs_base() and cfg.needs_data()
-    assert not TypeAdapter(MergeConfig).validate_python({"method": "pleas", "inputs": ["a", "b"],
-                                                         "data_free": True}).needs_data()  # fmt: skip
+    assert cfg.data is not None and cfg.data.batches == 2 and cfg.NEEDS_BASE and cfg.needs_data()
+    assert cfg.needs_loss() and not cfg.needs_example_shape()
+    unlabelled = cfg.model_copy(update={"unlabelled": True})
+    assert unlabelled.needs_data() and not unlabelled.needs_loss()
+    fixed = cfg.model_copy(update={"steps": 0})
+    assert not fixed.needs_data() and not fixed.needs_loss()
+    free = TypeAdapter(MergeConfig).validate_python({"method": "pleas", "inputs": ["a", "b"], "data_free": True})
+    assert not free.needs_data() and free.needs_example_shape() and not free.NEEDS_BASE
+    assert not free.model_copy(update={"input_shape": [64]}).needs_example_shape()
+    assert TypeAdapter(MergeConfig).validate_python({"method": "pleas", "inputs": ["a", "b"]}).needs_data()
     with pytest.raises(ValidationError, match="greater than or equal to 1"):
         TypeAdapter(MergeConfig).validate_python({**raw, "data": {"batches": 0}})

@@ -16,20 +16,20 @@ from tests.unit.peft.helpers import TinyMLP, mlp_batch
 def test_every_config_name_is_registered() -> None:
     union = typing.get_args(typing.get_args(config.PeftConfig)[0])
     names = {typing.get_args(m.model_fields["name"].annotation)[0] for m in union}
-    assert names == set(registry.known())
+    assert names == set(registry.names())
 
 
 def test_unknown_and_duplicate_names_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown PEFT method 'dora'; known: allora, corda"):
         registry.apply("dora", TinyMLP())
-    with pytest.raises(ValueError, match="already registered"):
-        registry.register("lora", registry.apply_lora)
+    with pytest.raises(ValueError, match="PEFT method 'lora' is already registered"):
+        registry.PEFT.register(config.LoRAConfig, lambda cfg, model, *rest, **kw: registry.apply_lora(model))
 
 
-def test_apply_from_config_builds_a_handle() -> None:
+def test_a_spec_config_builds_a_handle() -> None:
     cfg = TypeAdapter(config.PeftConfig).validate_python(
         {"name": "lora_pro", "r": 2, "target_modules": ["fc1"]})
-    handle = registry.apply_from_config(cfg, TinyMLP())
+    handle = registry.PEFT.build(cfg, TinyMLP())
     assert isinstance(handle, PeftHandleProtocol)
     trainable, total = handle.param_counts()
     assert trainable == 2 * (12 + 10) and total > trainable
