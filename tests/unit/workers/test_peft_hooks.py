@@ -44,7 +44,7 @@ class RecordingLogger:
         for k, v in values.items():
             self.metric_log.setdefault(k, []).append((step, float(v)))
 
-    def flush(self) -> None:
+    def flush(self, *, wait: bool = False) -> None:
         return None
 
     def set_tags(self, tags: dict[str, str]) -> None:

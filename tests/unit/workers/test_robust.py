@@ -59,7 +59,7 @@ def test_parameter_server_evaluates_on_the_cadence() -> None:
             if "eval/accuracy" in values:
                 self.evals.append(step)
 
-        def flush(self) -> None:
+        def flush(self, *, wait: bool = False) -> None:
             return None
 
     s = spec({}, strategy="parameter_server", eval_every=2)
