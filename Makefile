@@ -31,7 +31,7 @@ up: setup
 	$(BIN)/orchestra up --home .orchestra/home --port 8000
 
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 test-unit: setup
 	$(BIN)/python -m pytest -q tests/unit
