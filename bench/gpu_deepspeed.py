@@ -1,8 +1,9 @@
 """DeepSpeed through the service's worker path versus bare ``torchrun`` + DeepSpeed, same config.
 
-(a) service: the spec goes to ``python -m workers.entrypoint`` (as a Ray Job would run it) against
-    a local Ray head started here; Ray Train's TorchTrainer runs ``workers.train_loop`` with the
-    ``deepspeed`` strategy; figures come from the run's MLflow metrics (a local file store).
+(a) service: the resolved spec, stored on an MLflow run, goes to ``python -m workers.entrypoint``
+    (as a Ray Job would run it) against a local Ray head started here; Ray Train's TorchTrainer runs
+    ``workers.train_loop`` with the ``deepspeed`` strategy; figures come from the run's MLflow
+    metrics (a local file store).
 (b) bare: ``torchrun`` runs this file's ``--worker`` mode: the same Llama (built by the same
     function), the same DeepSpeed config (``merged_config`` of the same spec, written to JSON),
     the same optimizer, a plain DeepSpeed loop (forward, ``engine.backward``, ``engine.step``).
@@ -187,8 +188,12 @@ def run_service(args: argparse.Namespace, spec: dict[str, Any], work: Path, n: i
     mlflow_uri = (work / "mlruns").as_uri()
     client = MlflowClient(mlflow_uri)
     run_id = client.create_run(client.create_experiment("bench-deepspeed")).info.run_id
+    # what the control plane does at dispatch: the resolved spec on the run, which the job reads
+    from service.spec import SPEC_ARTIFACT, ExperimentSpec
+
+    client.log_dict(run_id, ExperimentSpec.model_validate(spec).resolved(), SPEC_ARTIFACT)
     head, ray_env = start_ray_head(work, args, n)
-    env = {**os.environ, **ray_env, "ORCHESTRA_SPEC": json.dumps(spec), "MLFLOW_TRACKING_URI": mlflow_uri,
+    env = {**os.environ, **ray_env, "MLFLOW_TRACKING_URI": mlflow_uri,
            "ORCHESTRA_MLFLOW_RUN_ID": run_id, "ORCHESTRA_STORAGE_PATH": str(work / "ray_results"),
            "MLFLOW_ALLOW_FILE_STORE": "true"}
     sampler = SmiSampler()
