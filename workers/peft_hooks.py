@@ -25,6 +25,8 @@ def model_inputs(task: Any, batch: Any) -> dict[str, Any]:
         return convert(batch)  # type: ignore[no-any-return]
     if isinstance(batch, tuple) and len(batch) == 1:  # token windows (CharLMTask)
         return {"input_ids": batch[0], "labels": batch[0]}
+    if isinstance(batch, dict):  # a custom task whose samples are the model's keyword arguments
+        return batch
     raise ValueError(f"task {type(task).__name__} has no model_inputs() for PEFT initialisation")
 
 
@@ -55,6 +57,22 @@ def init_device(spec: ExperimentSpec) -> torch.device:
     return torch.device("cpu")
 
 
+def peft_task_type(spec: ExperimentSpec, model: nn.Module) -> str | None:
+    """The task kind PEFT is told: the spec's, or for a custom task what its transformers model is
+    (a causal LM, a sequence classifier, or neither: adapters on the named modules only)."""
+    if spec.task.kind != "custom":
+        return spec.task.kind
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"peft.name: PEFT applies to a transformers model; the custom task's model() returned "
+                        f"{type(model).__name__}")
+    name = type(model).__name__
+    if name.endswith("ForCausalLM"):
+        return "causal_lm"
+    return "seq_classification" if name.endswith("ForSequenceClassification") else None
+
+
 def apply_peft(spec: ExperimentSpec, model: nn.Module, task: Any) -> tuple[nn.Module, Any]:
     from algorithms.peft.registry import PEFT
 
@@ -66,5 +84,5 @@ def apply_peft(spec: ExperimentSpec, model: nn.Module, task: Any) -> tuple[nn.Mo
         device = init_device(spec)
         model.to(device)  # the loop moves it there next anyway
         batches = [{k: v.to(device) for k, v in b.items()} for b in init_batches(spec, task, n_init)]
-    handle = PEFT.build(cfg, model, batches, task_type=spec.task.kind)
+    handle = PEFT.build(cfg, model, batches, task_type=peft_task_type(spec, model))
     return handle.model, handle

@@ -163,3 +163,68 @@ def _custom_rank(rank: int, port: int, out: str, queue: Any) -> None:
         raise
     finally:
         dist.destroy_process_group()
+
+
+LM_PACKAGE = '''
+import torch
+from torch.utils.data import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class Tokens(Dataset):
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        base = torch.arange(16) % 7  # a pattern the model can learn
+        self.ids = torch.stack([(base + int(torch.randint(0, 7, (1,), generator=g))) % 7 for _ in range(n)])
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class LM:
+    def model(self):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+
+    def train_dataset(self):
+        return Tokens(256, 0)
+
+    def eval_dataset(self):
+        return Tokens(64, 1)
+
+    def loss(self, model, batch):
+        return model(**batch).loss
+
+
+def build():
+    return LM()
+'''
+
+
+@pytest.mark.parametrize("peft", [{"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+                                  {"name": "eva", "r": 4, "target_modules": ["q_proj", "v_proj"]}])
+def test_peft_on_a_custom_transformers_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             peft: dict[str, Any]) -> None:
+    """PEFT applies where the custom task's model is a transformers model (adapters only are
+    trainable; EVA initialises from the task's own batches, which are the model's arguments)."""
+    (tmp_path / "userlm.py").write_text(LM_PACKAGE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = custom_spec(task={"kind": "custom", "entrypoint": "userlm:build"}, peft=peft,
+                       optimizer={"name": "adamw", "lr": 0.01},
+                       train={"max_steps": 20, "batch_size": 16, "log_every": 10, "eval_every": 20, "eval_batches": 2})
+    logger, _ = run_worker(spec, tmp_path / "out")
+    assert logger.metric_log["model/trainable_params"][0][1] < logger.metric_log["model/params"][0][1] / 2
+    losses = [v for _, v in logger.metric_log["train/loss"]]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    sys.modules.pop("userlm", None)
+
+
+def test_peft_refuses_a_custom_model_that_is_not_transformers(in_bundle: Path, tmp_path: Path) -> None:
+    spec = custom_spec(peft={"name": "lora", "r": 2, "target_modules": ["0"]})
+    with pytest.raises(TypeError, match="PEFT applies to a transformers model"):
+        run_worker(spec, tmp_path)
