@@ -53,8 +53,10 @@ class Clock:
 
 
 def make(server: FakeServer, clock: Clock, **kw: Any) -> RunLogger:
-    logger = RunLogger("", "run1", outage_limit_s=60.0, clock=clock, sleep=clock.sleep, **kw)
-    logger.client = server  # type: ignore[assignment]
+    # built disabled (no MlflowClient, which would open a default store in the working directory),
+    # then pointed at the fake server
+    logger = RunLogger("", "run1", enabled=False, outage_limit_s=60.0, clock=clock, sleep=clock.sleep, **kw)
+    logger.enabled, logger.client = True, server  # type: ignore[assignment]
     return logger
 
 
