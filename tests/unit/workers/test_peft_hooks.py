@@ -1,15 +1,12 @@
 """The real worker loop (workers.train_loop.train_worker) with PEFT, Ray and MLflow faked.
 
 Ray Train's surface (context, device, checkpoint, report) and the MLflow logger are replaced by
-in-process stand-ins; everything else is the code a run executes: the spec, the task built from
+the in-process stand-ins of ``harness.py``; everything else is the code a run executes: the spec, the task built from
 the packaged MiniLM, apply_peft, the hooks, the optimizer and schedule, save_final_model.
 """
 
 from __future__ import annotations
 
-import shutil
-import sys
-import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,57 +18,11 @@ from pydantic import TypeAdapter
 
 from algorithms.peft.config import PeftConfig
 from service.spec import ExperimentSpec
-from workers import peft_hooks, train_loop
+from tests.unit.workers.harness import run_worker
+from workers import peft_hooks
 from workers.model_io import rebuild_model
 from workers.tasks import build_task
 from workers.tasks.pretrained import MINILM, load_pretrained
-
-
-class RecordingLogger:
-    """RunLogger's interface; keeps metrics and copies artifacts to a folder."""
-
-    last: RecordingLogger | None = None
-
-    def __init__(self, uri: str, run_id: str, *, enabled: bool = True, out: Path | None = None) -> None:
-        self.metric_log: dict[str, list[tuple[int, float]]] = {}
-        self.out = out
-        RecordingLogger.last = self
-
-    def log_spec(self, resolved: dict[str, Any]) -> None:
-        return None
-
-    def metrics(self, values: dict[str, float], step: int) -> None:
-        for k, v in values.items():
-            self.metric_log.setdefault(k, []).append((step, float(v)))
-
-    def flush(self, *, wait: bool = False) -> None:
-        return None
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        return None
-
-    def artifacts(self, local_dir: str, artifact_path: str) -> None:
-        assert self.out is not None
-        shutil.copytree(local_dir, self.out / artifact_path)
-
-
-def fake_ray(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    reports: list[dict[str, Any]] = []
-    ray = types.ModuleType("ray")
-    train = types.ModuleType("ray.train")
-    rt = types.ModuleType("ray.train.torch")
-    ctx = types.SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1)
-    train.get_context = lambda: ctx  # type: ignore[attr-defined]
-    train.get_checkpoint = lambda: None  # type: ignore[attr-defined]
-    train.report = lambda metrics, checkpoint=None: reports.append(metrics)  # type: ignore[attr-defined]
-    train.Checkpoint = types.SimpleNamespace(from_directory=lambda d: d)  # type: ignore[attr-defined]
-    rt.get_device = lambda: torch.device("cpu")  # type: ignore[attr-defined]
-    rt.prepare_model = lambda m, **kw: m  # type: ignore[attr-defined]
-    train.torch = rt  # type: ignore[attr-defined]
-    ray.train = train  # type: ignore[attr-defined]
-    for name, mod in (("ray", ray), ("ray.train", train), ("ray.train.torch", rt)):
-        monkeypatch.setitem(sys.modules, name, mod)
-    return reports
 
 
 def spec_for(peft: dict[str, Any] | None, steps: int = 12, **dist: Any) -> ExperimentSpec:
@@ -89,16 +40,11 @@ def spec_for(peft: dict[str, Any] | None, steps: int = 12, **dist: Any) -> Exper
     })
 
 
-def test_lora_fine_tune_saves_an_adapter_that_peft_loads(monkeypatch: pytest.MonkeyPatch,
-                                                          tmp_path: Path) -> None:
+def test_lora_fine_tune_saves_an_adapter_that_peft_loads(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    reports = fake_ray(monkeypatch)
-    monkeypatch.setattr(train_loop, "RunLogger",
-                        lambda *a, **k: RecordingLogger(*a, **k, out=tmp_path / "artifacts"))
     spec = spec_for({"name": "lora", "r": 4, "alpha": 8})
-    train_loop.train_worker({"spec": spec, "mlflow_uri": "", "mlflow_run_id": "x"})
-    log = RecordingLogger.last
-    assert log is not None
+    log, fake = run_worker(spec, tmp_path, run_id="x")
+    reports = fake.reports
     losses = [v for _, v in log.metric_log["train/loss"]]
     assert losses[-1] < losses[0]  # it learns
     assert reports and reports[-1]["step"] == 12
@@ -109,7 +55,7 @@ def test_lora_fine_tune_saves_an_adapter_that_peft_loads(monkeypatch: pytest.Mon
     assert total > 22_000_000
     assert log.metric_log["model/trainable_params"][0][1] == trainable
 
-    folder = tmp_path / "artifacts" / "model"
+    folder = tmp_path / "x" / "model"
     task = build_task(spec)
     assert task.num_labels == 4  # type: ignore[attr-defined]
     batch = next(task.batches(rank=0, world=1, batch_size=8, seed=99))
@@ -153,9 +99,6 @@ def test_lora_ggpo_perturbs_from_the_second_step_in_the_worker_loop(monkeypatch:
     """The real loop: the handle finds the AdamW the worker built (no moments at step 0, so no
     perturbation), perturbs every later step and has put the base weights back at each step start."""
     torch.manual_seed(0)
-    fake_ray(monkeypatch)
-    monkeypatch.setattr(train_loop, "RunLogger",
-                        lambda *a, **k: RecordingLogger(*a, **k, out=tmp_path / "artifacts"))
     seen: dict[str, Any] = {"restored": [], "perturbed": []}
     real_apply = peft_hooks.apply_peft
 
@@ -176,7 +119,7 @@ def test_lora_ggpo_perturbs_from_the_second_step_in_the_worker_loop(monkeypatch:
 
     monkeypatch.setattr(peft_hooks, "apply_peft", recording_apply)
     spec = spec_for({"name": "lora_ggpo", "r": 4, "alpha": 8}, steps=5)
-    train_loop.train_worker({"spec": spec, "mlflow_uri": "", "mlflow_run_id": "x"})
+    run_worker(spec, tmp_path)
     assert seen["perturbed"] == [False, True, True, True, True]
     assert all(seen["restored"])
     assert all(g is not None for g in seen["handle"].gbar())
