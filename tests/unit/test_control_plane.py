@@ -226,17 +226,23 @@ class Clock:
         return self.now
 
 
-def test_runs_fail_when_ray_stays_away_and_their_jobs_stop_when_it_returns(sessions) -> None:  # type: ignore[no-untyped-def]
-    """Ray stops answering mid-run: the run keeps its status within the limit, fails with the
-    reason once past it (never 'running' forever), and its job is stopped when Ray answers."""
+def running_under_a_clock(sessions):  # type: ignore[no-untyped-def]
+    """One run dispatched and running; its reconciler (Ray lost after 120 s) on a test clock."""
     launcher = MemoryLauncher()
     sched, _, _, tracker = parts(sessions, launcher)
     clock = Clock()
     rec = Reconciler(sessions, launcher, tracker, ray_lost_after_s=120.0, clock=clock)
     run_id = submit(sessions)
     sched.tick()
+    launcher.jobs[f"orchestra-{run_id}"] = JobState("RUNNING")
+    return launcher, tracker, clock, rec, run_id
+
+
+def test_runs_fail_when_ray_stays_away_and_their_jobs_stop_when_it_returns(sessions) -> None:  # type: ignore[no-untyped-def]
+    """Ray stops answering mid-run: the run keeps its status within the limit, fails with the
+    reason once past it (never 'running' forever), and its job is stopped when Ray answers."""
+    launcher, tracker, clock, rec, run_id = running_under_a_clock(sessions)
     sid = f"orchestra-{run_id}"
-    launcher.jobs[sid] = JobState("RUNNING")
     rec.tick()
     assert status_of(sessions, run_id) == "running"
     launcher.fail_submit = True  # the head is gone
@@ -259,13 +265,7 @@ def test_runs_fail_when_ray_stays_away_and_their_jobs_stop_when_it_returns(sessi
 
 
 def test_a_short_ray_outage_fails_nothing(sessions) -> None:  # type: ignore[no-untyped-def]
-    launcher = MemoryLauncher()
-    sched, _, _, tracker = parts(sessions, launcher)
-    clock = Clock()
-    rec = Reconciler(sessions, launcher, tracker, ray_lost_after_s=120.0, clock=clock)
-    run_id = submit(sessions)
-    sched.tick()
-    launcher.jobs[f"orchestra-{run_id}"] = JobState("RUNNING")
+    launcher, _, clock, rec, run_id = running_under_a_clock(sessions)
     launcher.fail_submit = True
     rec.tick()
     clock.now = 100.0
