@@ -63,6 +63,10 @@ def job_env(*, run_id: str, experiment_id: str, mlflow_uri: str, mlflow_run_id: 
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
         "ORCHESTRA_MLFLOW_OUTAGE_LIMIT_S": f"{mlflow_outage_limit_s:g}",
+        "MLFLOW_DISABLE_TELEMETRY": "true",  # no reports to MLflow's usage server, from any process
+        # Ray Train's controller looks at its workers this often (default 2 s): it is how soon a
+        # finished, failed or checkpointing worker is seen, a second off every run's end
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     }
 
 

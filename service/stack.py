@@ -72,6 +72,9 @@ class Stack:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self._token_path()),
             "RAY_USAGE_STATS_ENABLED": "0",
+            # One machine: no node is ever drained or preempted, so Ray Train's preemption watcher
+            # (an actor started with every run, before its first step) has nothing to watch
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
             "ORCHESTRA_HOME": str(self.home),
             "ORCHESTRA_DATABASE_URL": self.database_url,
             "ORCHESTRA_RAY_ADDRESS": self.ray_address,

@@ -1,6 +1,8 @@
 """What the embedded stack hands its children: Ray's settings and ours, never the API's tokens
 (the Ray head passes its environment on to every job) and never the spec."""
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,3 +32,20 @@ def test_job_env_carries_no_spec() -> None:
                   mlflow_run_id="m", storage_path="/s")
     assert not any("SPEC" in key for key in env)
     assert sum(len(k) + len(v) for k, v in env.items()) < 1024
+
+
+def test_no_process_reports_to_mlflows_usage_server() -> None:
+    """MLflow's telemetry (an outside server) is off in the control plane, in the jobs, and in the
+    workers however they start; a user's explicit setting is left alone."""
+    assert job_env(run_id="r" * 32, experiment_id="e" * 32, mlflow_uri="http://127.0.0.1:5000",
+                   mlflow_run_id="m" * 32, storage_path="/tmp/x")["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_DISABLE_TELEMETRY"}
+    for package in ("service", "workers"):
+        code = f"import os, {package}; print(os.environ['MLFLOW_DISABLE_TELEMETRY'])"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                             timeout=60)
+        assert out.stdout.strip() == "true"
+    out = subprocess.run([sys.executable, "-c", "import os, workers; print(os.environ['MLFLOW_DISABLE_TELEMETRY'])"],
+                         env={**env, "MLFLOW_DISABLE_TELEMETRY": "false"}, capture_output=True, text=True, check=True,
+                         timeout=60)
+    assert out.stdout.strip() == "false"

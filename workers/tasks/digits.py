@@ -1,7 +1,10 @@
 """image_classification on scikit-learn's 8x8 digits (shipped with scikit-learn: offline)."""
 
+import importlib.util
 from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,14 +15,27 @@ from workers.tasks.base import Batch, sharded_epochs, to_device
 NUM_CLASSES = 10
 
 
+def read_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The 1,797 images (N, 8, 8) and labels, read from the file scikit-learn ships without
+    importing scikit-learn (a second of a worker's start); its loader where the file is not found."""
+    spec = importlib.util.find_spec("sklearn")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            data = np.loadtxt(path, delimiter=",")
+            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.images, bunch.target
+
+
 def load_digits_split(test_fraction: float, classes: list[int] | None = None,
                       split_seed: int = 1234) -> tuple[torch.Tensor, ...]:
     """Digits as float images in [0, 1] (N, 1, 8, 8); a fixed stratified-by-shuffle split."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
+    images, target = read_digits()
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(target, dtype=torch.long)
     g = torch.Generator().manual_seed(split_seed)
     perm = torch.randperm(len(y), generator=g)
     n_test = int(round(len(y) * test_fraction))
