@@ -136,16 +136,25 @@ class Stack:
         if pending:
             raise RuntimeError(f"not ready after {timeout_s:.0f}s: {sorted(pending)} (logs in {self.home / 'logs'})")
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM to every process group started here, SIGKILL to those still there after
+        ``grace_s``: a Ray head's GCS lingers about 30 s after its raylet has gone, and neither it
+        nor the local MLflow server holds anything a kill can lose."""
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
+        deadline = time.monotonic() + grace_s
         for proc in reversed(self.procs):
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the group: children outlive their parent
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
         self.procs.clear()
