@@ -2,13 +2,14 @@
 
 import hmac
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiError
 from service.bundles import BundleStore
@@ -30,7 +31,10 @@ class AppState:
     bundles: BundleStore
 
 
-def get_state(request: Request) -> AppState:
+# The dependencies that do no I/O are coroutines: FastAPI runs a plain function in its thread pool,
+# one hand-over per dependency and request, which under a burst costs more than the work itself.
+
+async def get_state(request: Request) -> AppState:
     return request.app.state.orchestra  # type: ignore[no-any-return]
 
 
@@ -47,11 +51,11 @@ def known_shape(kind: str, value: str) -> str:
     return value
 
 
-def _experiment_id(experiment_id: Annotated[str, Path()]) -> str:
+async def _experiment_id(experiment_id: Annotated[str, Path()]) -> str:
     return known_shape("experiment", experiment_id)
 
 
-def _run_id(run_id: Annotated[str, Path()]) -> str:
+async def _run_id(run_id: Annotated[str, Path()]) -> str:
     return known_shape("run", run_id)
 
 
@@ -59,9 +63,14 @@ ExperimentId = Annotated[str, Depends(_experiment_id)]
 RunId = Annotated[str, Depends(_run_id)]
 
 
-def get_session(state: StateDep) -> Iterator[Session]:
-    with state.sessions() as session:
+async def get_session(state: StateDep) -> AsyncIterator[Session]:
+    """A session per request. Opening one does no I/O (it connects on first use, in the handler's
+    thread); closing it may (a rollback), so that goes to the thread pool."""
+    session = state.sessions()
+    try:
         yield session
+    finally:
+        await run_in_threadpool(session.close)
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -70,7 +79,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 _bearer = HTTPBearer(auto_error=False, description="one of ORCHESTRA_API_TOKENS (when set)")
 
 
-def require_token(state: StateDep,
+async def require_token(state: StateDep,
                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     tokens = state.settings.tokens
     if not tokens:
