@@ -139,6 +139,7 @@ def main() -> None:
     parser.add_argument("--run", type=int, default=50, help="how many of the first submitted must succeed")
     parser.add_argument("--concurrency", type=int, default=8, help="submissions in flight")
     parser.add_argument("--max-concurrent-runs", type=int, default=4)
+    parser.add_argument("--api-workers", type=int, default=1, help="orchestra serve --workers")
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--pg", default=os.environ.get("ORCHESTRA_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test"))
     args = parser.parse_args()
@@ -167,7 +168,8 @@ def main() -> None:
         env = {**os.environ, "ORCHESTRA_DATABASE_URL": db_url, "ORCHESTRA_HOME": str(home),
                "ORCHESTRA_STORAGE_PATH": str(home / "ray_results"),
                "ORCHESTRA_MAX_CONCURRENT_RUNS": str(args.max_concurrent_runs)}
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
+                                 "--workers", str(args.api_workers)], env=env,
                                 cwd=ROOT, stdout=open(home / "api.log", "wb"), stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         for _ in range(300):
@@ -201,9 +203,9 @@ def main() -> None:
     sids = [j.submission_id for j in jobs]
     dispatched = [r for e in every.values() for r in e["runs"] if r["ray_submission_id"]]
     left = [j.submission_id for j in jobs if j.status.value in ("PENDING", "RUNNING")]
-    print(f"{args.experiments} experiments, {args.concurrency} submissions in flight, PostgreSQL, one `orchestra "
-          f"serve` (scheduler and reconciler inside, max {args.max_concurrent_runs} runs), Ray head and MLflow on "
-          f"the same machine, {os.cpu_count()} CPUs")
+    print(f"{args.experiments} experiments, {args.concurrency} submissions in flight, PostgreSQL, `orchestra "
+          f"serve --workers {args.api_workers}` (scheduler and reconciler inside, max {args.max_concurrent_runs} "
+          f"runs), Ray head and MLflow on the same machine, {os.cpu_count()} CPUs")
     print(f"burst: {result['burst_s']:.1f} s ({args.experiments / result['burst_s']:.0f} submissions/s); "  # type: ignore[operator]
           f"first {args.run} done after a further {result['run_s']:.0f} s")
     print("| requests | phase | n | errors | p50 ms | p99 ms | max ms |")

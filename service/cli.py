@@ -50,7 +50,7 @@ def db_upgrade(revision: str = "head") -> None:
 APP_FACTORY = "api.main:create_app"
 
 
-def _serve(host: str, port: int) -> None:
+def _serve(host: str, port: int, workers: int = 1) -> None:
     import uvicorn
 
     from service.settings import get_settings
@@ -59,22 +59,27 @@ def _serve(host: str, port: int) -> None:
     # most shutdown_timeout_s, then stop the control loop (lifespan) and exit. Queued runs live in
     # the database, so nothing is lost.
     uvicorn.run(APP_FACTORY, factory=True, host=host, port=port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=int(max(1, get_settings().shutdown_timeout_s)))
+                workers=workers, timeout_graceful_shutdown=int(max(1, get_settings().shutdown_timeout_s)))
 
 
 @app.command()
 def serve(port: Annotated[int, typer.Option(help="API port")] = 8000,
-          host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1") -> None:
+          host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+          workers: Annotated[int, typer.Option(min=1, max=64, help="API processes on the port (PostgreSQL only); "
+                                               "one schedules and reconciles at a time")] = 1) -> None:
     """Run the API with its scheduler and reconciler against the services named by settings."""
     from service.db import DatabaseNotMigrated, engine_for, require_migrated
     from service.settings import get_settings
 
     url = get_settings().resolved_database_url
+    engine = engine_for(url)
+    if workers > 1 and engine.dialect.name != "postgresql":
+        _fail("--workers: more than one API process needs PostgreSQL (ORCHESTRA_DATABASE_URL); SQLite serves one")
     try:
-        require_migrated(engine_for(url), url)
+        require_migrated(engine, url)
     except DatabaseNotMigrated as exc:
         _fail(str(exc))
-    _serve(host, port)
+    _serve(host, port, workers)
 
 
 @app.command()

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 
 API_SECRETS = frozenset({"ORCHESTRA_API_TOKENS", "ORCHESTRA_API_TOKEN"})
+RAY_NICE = 10  # the local Ray head's CPU priority below the API's (see start_ray)
 
 
 def free_port(preferred: int) -> int:
@@ -81,14 +82,15 @@ class Stack:
             "ORCHESTRA_MLFLOW_TRACKING_URI": self.mlflow_uri,
         }
 
-    def _spawn(self, name: str, cmd: list[str], **extra_env: str) -> None:
+    def _spawn(self, name: str, cmd: list[str], nice: int = 0, **extra_env: str) -> None:
         log = open(self.home / "logs" / f"{name}.log", "ab")
         # The API's own secrets stay in the API: the Ray head passes its environment on to every
         # job driver and worker, and MLflow has no use for them.
         inherited = {k: v for k, v in os.environ.items() if k not in API_SECRETS}
         env = {**inherited, **self.env(), **extra_env}
+        lower = (lambda: os.nice(nice)) if nice else None  # noqa: E731
         self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                           start_new_session=True))
+                                           start_new_session=True, preexec_fn=lower))
 
     def start(self) -> None:
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
@@ -117,7 +119,10 @@ class Stack:
                             f"--ray-client-server-port={client_port}",
                             f"--dashboard-agent-listen-port={agent_port}",
                             f"--num-cpus={cpus}", "--include-dashboard=true", "--disable-usage-stats",
-                            f"--temp-dir={self.ray_temp_dir}"])
+                            f"--temp-dir={self.ray_temp_dir}"],
+                    # One machine shared by training and the control plane: Ray's processes (and
+                    # so every job's) yield the CPU to the API and MLflow when both want it.
+                    nice=RAY_NICE)
 
     def wait_ready(self, timeout_s: float = 180.0) -> None:
         deadline = time.monotonic() + timeout_s

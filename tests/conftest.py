@@ -86,10 +86,12 @@ class ApiProcess:
     port: int
     proc: subprocess.Popen | None = None  # type: ignore[type-arg]
     ready_path: str = "/readyz"  # "/healthz" for an API whose Ray or MLflow is away on purpose
+    workers: int = 1  # orchestra serve --workers
 
     def start(self) -> None:
         log = open(Path(self.env["ORCHESTRA_HOME"]) / f"api-{self.port}.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
+                                      "--workers", str(self.workers)],
                                      env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
