@@ -89,6 +89,8 @@ def up(
     run: Annotated[Path | None, typer.Option(help="submit this spec once the stack is ready, and wait")] = None,
     exit_after: Annotated[bool, typer.Option("--exit", help="stop the stack once --run finishes")] = False,
     num_cpus: Annotated[int | None, typer.Option(help="logical CPUs for the local Ray head")] = None,
+    mlflow_auth: Annotated[bool, typer.Option("--mlflow-auth", help="MLflow behind its basic-auth app (a password "
+                                              "made on first start, in the home)")] = False,
 ) -> None:
     """Start everything on this machine (SQLite, Ray head, MLflow, the API) until Ctrl-C."""
     import uvicorn
@@ -97,7 +99,7 @@ def up(
     from service.stack import Stack
 
     home = home.expanduser().resolve()
-    stack = Stack(home=home, api_port=port, num_cpus=num_cpus)
+    stack = Stack(home=home, api_port=port, num_cpus=num_cpus, mlflow_auth=mlflow_auth)
     stop = threading.Event()
     server: uvicorn.Server | None = None
     code = 0

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 
 API_SECRETS = frozenset({"ORCHESTRA_API_TOKENS", "ORCHESTRA_API_TOKEN"})
+MLFLOW_ADMIN = "admin"  # the basic-auth app's admin, the stack's one MLflow user
 RAY_NICE = 10  # the local Ray head's CPU priority below the API's (see start_ray)
 
 
@@ -40,6 +41,9 @@ class Stack:
     gcs_port: int = 6380
     mlflow_port: int = 5000
     num_cpus: int | None = None
+    # MLflow behind its basic-auth app: an admin password generated on first start (kept in the
+    # home, 0600), which the API and every Ray process get as MLflow's client credentials
+    mlflow_auth: bool = False
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
@@ -60,12 +64,25 @@ class Stack:
         digest = hashlib.sha1(str(self.home.resolve()).encode()).hexdigest()[:10]
         return Path(tempfile.gettempdir()) / f"orchestra-ray-{digest}"
 
-    def _token_path(self) -> Path:
-        path = self.home / "ray_auth_token"
+    def _secret(self, name: str) -> Path:
+        """A secret of this home, made on first use, readable by its owner only."""
+        path = self.home / name
         if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
             path.write_text(secrets.token_hex(32))
-            path.chmod(0o600)
         return path
+
+    def _token_path(self) -> Path:
+        return self._secret("ray_auth_token")
+
+    def mlflow_credentials(self) -> dict[str, str]:
+        """MLflow's client credentials (its own variables, which its client reads), when MLflow is
+        behind its basic-auth app; none otherwise."""
+        if not self.mlflow_auth:
+            return {}
+        return {"MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN,
+                "MLFLOW_TRACKING_PASSWORD": self._secret("mlflow_admin_password").read_text().strip()}
 
     def env(self) -> dict[str, str]:
         """Environment for this process and its children: Ray's token auth, our settings."""
@@ -80,14 +97,15 @@ class Stack:
             "ORCHESTRA_DATABASE_URL": self.database_url,
             "ORCHESTRA_RAY_ADDRESS": self.ray_address,
             "ORCHESTRA_MLFLOW_TRACKING_URI": self.mlflow_uri,
+            **self.mlflow_credentials(),
         }
 
-    def _spawn(self, name: str, cmd: list[str], nice: int = 0, **extra_env: str) -> None:
+    def _spawn(self, name: str, cmd: list[str], *, nice: int = 0, extra_env: dict[str, str] | None = None) -> None:
         log = open(self.home / "logs" / f"{name}.log", "ab")
         # The API's own secrets stay in the API: the Ray head passes its environment on to every
         # job driver and worker, and MLflow has no use for them.
         inherited = {k: v for k, v in os.environ.items() if k not in API_SECRETS}
-        env = {**inherited, **self.env(), **extra_env}
+        env = {**inherited, **self.env(), **(extra_env or {})}
         lower = (lambda: os.nice(nice)) if nice else None  # noqa: E731
         self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                            start_new_session=True, preexec_fn=lower))
@@ -99,13 +117,30 @@ class Stack:
         self.gcs_port = free_port(self.gcs_port)
         self.mlflow_port = free_port(self.mlflow_port)
         self.start_ray()
+        self.start_mlflow()
+
+    def start_mlflow(self) -> None:
+        (self.home / "logs").mkdir(parents=True, exist_ok=True)
+        folder = self.home / "mlflow"
+        folder.mkdir(exist_ok=True)
         bin_dir = Path(sys.executable).parent
+        auth: dict[str, str] = {}
+        args: list[str] = []
+        if self.mlflow_auth:
+            ini = folder / "basic_auth.ini"
+            ini.write_text(f"[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                           f"database_uri = sqlite:///{folder / 'basic_auth.db'}\nadmin_username = {MLFLOW_ADMIN}\n")
+            args = ["--app-name", "basic-auth"]
+            auth = {"MLFLOW_AUTH_CONFIG_PATH": str(ini),
+                    "MLFLOW_AUTH_ADMIN_PASSWORD": self.mlflow_credentials()["MLFLOW_TRACKING_PASSWORD"],
+                    # the auth app's CSRF protection signs with it: stable across restarts of the home
+                    "MLFLOW_FLASK_SERVER_SECRET_KEY": self._secret("mlflow_secret_key").read_text().strip()}
         self._spawn("mlflow", [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port",
                                str(self.mlflow_port), "--workers", "1", "--backend-store-uri",
-                               f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}",
-                               "--artifacts-destination", str(self.home / "mlflow" / "artifacts")],
+                               f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination",
+                               str(folder / "artifacts"), *args],
                     # MLflow 3's GenAI job runner (a pool of huey consumers) is not used here: off
-                    MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+                    extra_env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **auth})
 
     def start_ray(self) -> None:
         """The Ray head alone, on the stack's ports (also to bring a head back after it died)."""
