@@ -27,13 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algorithms.peft.allora import apply_allora  # noqa: E402
-from algorithms.peft.ggpo import apply_lora_ggpo  # noqa: E402
-from algorithms.peft.lora import apply_lora  # noqa: E402
-from algorithms.peft.lora_pro import apply_lora_pro  # noqa: E402
+from algorithms.peft.registry import apply  # noqa: E402
 
-BUILDERS: dict[str, Any] = {"lora": apply_lora, "lora_ggpo": apply_lora_ggpo, "lora_pro": apply_lora_pro,
-                            "allora": apply_allora}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -76,10 +71,10 @@ class Timer:
 
 def run(name: str, args: argparse.Namespace) -> dict[str, float]:
     model = build(args)
-    kwargs: dict[str, Any] = {"r": args.rank, "target_modules": TARGETS, "task_type": "causal_lm"}
+    kwargs: dict[str, Any] = {"r": args.rank, "target_modules": TARGETS}
     if name != "allora":  # ALLoRA has no scaling (alpha = r inside)
         kwargs["alpha"] = 2.0 * args.rank
-    handle = BUILDERS[name](model, **kwargs)
+    handle = apply(name, model, task_type="causal_lm", **kwargs)
     model = handle.model
     opt = torch.optim.AdamW(handle.param_groups(model, 1e-4), weight_decay=0.0)
     g = torch.Generator(device=args.device).manual_seed(0)

@@ -79,12 +79,12 @@ class ALLoRAHandle(PeftHandle):
 def apply_allora(
     model: nn.Module,
     *,
-    eta: float = 1.0,
-    r: int = 8,
-    alpha: float | None = None,
-    dropout: float = 0.0,
-    target_modules: list[str] | str | None = None,
-    merge_adapter: bool = False,
+    eta: float,
+    r: int,
+    alpha: float | None,
+    dropout: float,
+    target_modules: list[str] | str | None,
+    merge_adapter: bool,
     task_type: str | None = None,
 ) -> ALLoRAHandle:
     """``alpha`` is ignored (ALLoRA has no scaling: alpha = r); a dropout other than 0 is refused."""

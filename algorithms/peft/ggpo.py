@@ -98,8 +98,8 @@ def _stack_or_zeros(tensors: list[torch.Tensor | None], like: list[torch.Tensor]
 
 class GGPOHandle(PeftHandle):
     pairs: list[LoraPair]
-    rho: float = 0.05
-    beta: float = 0.9
+    rho: float  # set by apply_lora_ggpo, from the config
+    beta: float
     _shapes: list[_ShapeGroup] | None = None
     _optimizer: weakref.ref[torch.optim.Optimizer] | None = None
     _holds: weakref.WeakKeyDictionary[torch.optim.Optimizer, bool]
@@ -223,7 +223,7 @@ class GGPOHandle(PeftHandle):
 
 
 def apply_lora_ggpo(
-    model: nn.Module, *, rho: float = 0.05, beta: float = 0.9, **lora_kwargs: Any
+    model: nn.Module, *, rho: float, beta: float, **lora_kwargs: Any
 ) -> GGPOHandle:
     base = apply_lora(model, name="lora_ggpo", **lora_kwargs)
     handle = GGPOHandle(name="lora_ggpo", model=base.model, merge_adapter=base.merge_adapter)

@@ -199,9 +199,9 @@ def _common(handle: LISAHandle, n_layers: int, interval: int, seed: int) -> None
 def apply_lisa(
     model: nn.Module,
     *,
-    n_layers: int = 2,
-    interval: int = 20,
-    seed: int = 0,
+    n_layers: int,
+    interval: int,
+    seed: int,
     task_type: str | None = None,
 ) -> LISAHandle:
     handle = LISAHandle(name="lisa", model=model)
@@ -214,15 +214,15 @@ def apply_lisa(
 def apply_owlore(
     model: nn.Module,
     *,
-    n_layers: int = 5,
-    interval: int = 50,
-    outlier_threshold: float = 7.0,
-    rank: int = 256,
-    update_proj_gap: int = 100,
-    scale: float = 1.0,
-    init_batches: int = 0,
+    n_layers: int,
+    interval: int,
+    outlier_threshold: float,
+    rank: int,
+    update_proj_gap: int,
+    scale: float,
+    init_batches: int,
     batches: InitBatches = None,
-    seed: int = 0,
+    seed: int,
     task_type: str | None = None,
 ) -> OwLoreHandle:
     handle = OwLoreHandle(name="owlore", model=model)

@@ -44,7 +44,6 @@ from torch import nn
 from algorithms.peft.base import PeftHandle
 from algorithms.peft.lora import LoraPair, apply_lora, lora_pairs
 
-DAMPING = 1e-8  # the authors' ridge, relative to the Gram matrix's mean diagonal
 _ZERO_GUARD = 1e-30  # absolute floor of the ridge: only an all-zero Gram matrix (B = 0) reaches it
 
 
@@ -83,7 +82,7 @@ def lora_pro_gradients(
     grad_A: torch.Tensor,
     grad_B: torch.Tensor,
     scaling: float,
-    damping: float = DAMPING,
+    damping: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Theorems 2.2 + 2.3 for one layer (or a batch of layers with leading dims); float32 inside."""
     dt = grad_A.dtype
@@ -105,7 +104,7 @@ class LoRAProHandle(PeftHandle):
     """Replaces the A/B gradients of every LoRA layer in ``after_backward``."""
 
     pairs: list[LoraPair]
-    damping: float = DAMPING
+    damping: float  # the ridge, relative to the Gram matrix's mean diagonal (set by apply_lora_pro)
 
     def after_backward(self, step: int, model: nn.Module) -> None:
         # Group layers of equal shapes so that each group is one batched solve.
@@ -128,7 +127,7 @@ class LoRAProHandle(PeftHandle):
             torch._foreach_copy_(grads, [t for i in range(len(ps)) for t in (new_A[i], new_B[i])])
 
 
-def apply_lora_pro(model: nn.Module, *, damping: float = DAMPING, **lora_kwargs: Any) -> LoRAProHandle:
+def apply_lora_pro(model: nn.Module, *, damping: float, **lora_kwargs: Any) -> LoRAProHandle:
     base = apply_lora(model, name="lora_pro", **lora_kwargs)
     handle = LoRAProHandle(name="lora_pro", model=base.model, merge_adapter=base.merge_adapter)
     handle.pairs = lora_pairs(handle.model)

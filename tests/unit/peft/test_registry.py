@@ -10,6 +10,7 @@ from pydantic import TypeAdapter
 
 from algorithms.peft import config, registry
 from algorithms.peft.base import PeftHandleProtocol
+from algorithms.registry import fields_of
 from tests.unit.peft.helpers import TinyMLP, mlp_batch
 
 
@@ -23,7 +24,8 @@ def test_unknown_and_duplicate_names_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown PEFT method 'dora'; known: allora, corda"):
         registry.apply("dora", TinyMLP())
     with pytest.raises(ValueError, match="PEFT method 'lora' is already registered"):
-        registry.PEFT.register(config.LoRAConfig, lambda cfg, model, *rest, **kw: registry.apply_lora(model))
+        registry.PEFT.register(config.LoRAConfig, lambda cfg, model, *rest, **kw: registry.apply_lora(
+            model, **fields_of(cfg)))
 
 
 def test_a_spec_config_builds_a_handle() -> None:
