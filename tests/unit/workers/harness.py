@@ -11,7 +11,7 @@ import contextlib
 import shutil
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +120,60 @@ def run_worker(spec: ExperimentSpec, out: Path, *, run_id: str = "run", rank: in
 
 def final_state(out: Path, run_id: str = "run") -> dict[str, torch.Tensor]:
     return torch.load(out / run_id / "model" / "state_dict.pt", weights_only=True)  # type: ignore[no-any-return]
+
+
+class RankFailed(str):
+    """What a rank of ``run_ranks`` reports instead of its result when its body raised."""
+
+
+def run_ranks(body: Callable[..., Any], world: int, *args: Any, timeout_s: float = 300) -> list[Any]:
+    """``body(rank, world, *args)`` in ``world`` spawned processes joined in one gloo group (RANK,
+    WORLD_SIZE, MASTER_ADDR and MASTER_PORT set, one torch thread each); returns what each rank's
+    body returned (it must pickle), in rank order. ``body`` is a module-level function. A rank
+    whose body raises reports the error at once (the others may be stuck in a collective) and the
+    call fails naming the rank; every process is gone when it returns."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(body, rank, world, port, queue, args)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    got: dict[int, Any] = {}
+    try:
+        while len(got) < world:
+            rank, result = queue.get(timeout=timeout_s)
+            assert not isinstance(result, RankFailed), f"rank {rank}: {result}"
+            got[rank] = result
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0, p.exitcode
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    return [got[rank] for rank in range(world)]
+
+
+def _rank_main(body: Callable[..., Any], rank: int, world: int, port: int, queue: Any, args: tuple[Any, ...]) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        result = body(rank, world, *args)
+    except BaseException as exc:
+        queue.put((rank, RankFailed(repr(exc))))
+        raise
+    finally:
+        dist.destroy_process_group()
+    queue.put((rank, result))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from service.spec import ExperimentSpec, parse_spec
-from tests.unit.workers.harness import run_worker
+from tests.unit.workers.harness import run_ranks, run_worker
 from workers.tasks import build_task
 from workers.tasks.custom import CustomTask
 
@@ -113,56 +113,20 @@ def test_errors_of_user_code_are_theirs(in_bundle: Path, tmp_path: Path) -> None
 def test_custom_task_on_two_ranks_with_a_robust_rule_and_galore(tmp_path: Path) -> None:
     """Two gloo ranks (spawned), the median over the ranks' gradients, GaLore: the loop runs the
     robust exchange for a custom task as for a built-in one, and the loss falls."""
-    import multiprocessing as mp
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_custom_rank, args=(r, port, str(tmp_path), queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got: dict[int, Any] = {}
-    try:
-        while len(got) < 2:
-            rank, res = queue.get(timeout=300)
-            assert not isinstance(res, str), f"rank {rank}: {res}"
-            got[rank] = res
-        for p in procs:
-            p.join(timeout=60)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join()
-    losses, exchanged = got[0]
+    losses, exchanged = run_ranks(_custom_rank, 2, str(tmp_path))[0]
     assert len(losses) == 4 and losses[-1] < 0.8 * losses[0] and all(math.isfinite(v) for v in losses), losses
     assert "exchange/rule_ms" in exchanged  # the robust exchange ran
 
 
-def _custom_rank(rank: int, port: int, out: str, queue: Any) -> None:
+def _custom_rank(rank: int, world: int, out: str) -> tuple[list[float], list[str]]:
     import os
 
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
     os.chdir(EXAMPLE)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        spec = custom_spec(optimizer={"name": "galore", "lr": 0.01, "rank": 4, "update_proj_gap": 10},
-                           distributed={"num_workers": 2, "aggregator": {"name": "median", "f": 0}})
-        assert spec.resolve().distributed.exchange == "gather"
-        logger, _ = run_worker(spec.resolve(), Path(out) / f"r{rank}", rank=rank, world=2)
-        queue.put((rank, ([v for _, v in logger.metric_log.get("train/loss", [])], sorted(logger.metric_log))))
-    except Exception as exc:  # report it: the other rank may be stuck in a collective
-        queue.put((rank, repr(exc)))
-        raise
-    finally:
-        dist.destroy_process_group()
+    spec = custom_spec(optimizer={"name": "galore", "lr": 0.01, "rank": 4, "update_proj_gap": 10},
+                       distributed={"num_workers": 2, "aggregator": {"name": "median", "f": 0}})
+    assert spec.resolve().distributed.exchange == "gather"
+    logger, _ = run_worker(spec.resolve(), Path(out) / f"r{rank}", rank=rank, world=world)
+    return [v for _, v in logger.metric_log.get("train/loss", [])], sorted(logger.metric_log)
 
 
 LM_PACKAGE = '''

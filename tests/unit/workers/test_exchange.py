@@ -7,19 +7,17 @@ checks it against the rule applied to all the gradients in one process.
 from __future__ import annotations
 
 import copy
-import socket
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import yaml
 from torch import nn
 
 from algorithms.aggregation.attacks import build_attack
 from algorithms.aggregation.registry import build
 from service.spec import ExperimentSpec
+from tests.unit.workers import harness
 
 QUICKSTART = Path(__file__).resolve().parents[3] / "examples" / "quickstart.yaml"
 LIAR = 1
@@ -60,61 +58,33 @@ def set_grads(model: nn.Module, flat: torch.Tensor) -> None:
         offset += p.numel()
 
 
-def _worker(rank: int, world: int, port: int, cases: list[tuple[str, dict[str, Any], dict[str, Any]]],
-            queue: Any) -> None:
+def _worker(rank: int, world: int, cases: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
     from workers.exchange import GatherExchange, ShardExchange, build_exchange
     from workers.plan import RunPlan
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     out: dict[str, Any] = {}
-    try:
-        for key, doc, kw in cases:
-            out["_at"] = key
-            spec = ExperimentSpec.model_validate(doc)
-            kind = kw.pop("kind", None)
-            if kind == "gather":
-                ex: Any = GatherExchange(spec, rank, world, **kw)
-            elif kind == "shard":
-                ex = ShardExchange(spec, rank, world, **kw)
-            else:
-                ex = build_exchange(spec, RunPlan.from_spec(spec).exchange, rank=rank, world=world)
-            model = make_model()
-            set_grads(model, rank_grads(model, rank))
+    for key, doc, kw in cases:
+        spec = ExperimentSpec.model_validate(doc)
+        kind = kw.pop("kind", None)
+        if kind == "gather":
+            ex: Any = GatherExchange(spec, rank, world, **kw)
+        elif kind == "shard":
+            ex = ShardExchange(spec, rank, world, **kw)
+        else:
+            ex = build_exchange(spec, RunPlan.from_spec(spec).exchange, rank=rank, world=world)
+        model = make_model()
+        set_grads(model, rank_grads(model, rank))
+        try:
             metrics = ex(model, STEP)
-            flat = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
-            out[key] = (flat.numpy(), metrics, type(ex).__name__)  # numpy: pickled by value
-    except Exception as exc:  # report it: the other ranks may be stuck in a collective
-        queue.put((rank, {"_error": f"{out.get('_at')}: {exc!r}"}))
-        raise
-    dist.destroy_process_group()
-    queue.put((rank, out))
+        except Exception as exc:
+            raise RuntimeError(f"{key}: {exc!r}") from exc
+        flat = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+        out[key] = (flat.numpy(), metrics, type(ex).__name__)  # numpy: pickled by value
+    return out
 
 
 def run_ranks(world: int, cases: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> list[dict[str, Any]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, copy.deepcopy(cases), queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict[int, dict[str, Any]] = {}
-    try:
-        while len(results) < world:
-            rank, out = queue.get(timeout=120)
-            assert "_error" not in out, f"rank {rank}: {out['_error']}"
-            results[rank] = out
-        for p in procs:
-            p.join(timeout=30)
-            assert p.exitcode == 0
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join()
-    return [results[r] for r in range(world)]
+    return harness.run_ranks(_worker, world, copy.deepcopy(cases), timeout_s=120)
 
 
 def expected(world: int, rule: dict[str, Any], attack: dict[str, Any] | None, shards: int = 1) -> torch.Tensor:

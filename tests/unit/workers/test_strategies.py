@@ -6,17 +6,15 @@ turned off exactly when the exchange is handed to it."""
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from service.spec import ExperimentSpec
+from tests.unit.workers.harness import run_ranks
 
 MEAN_AS_RULE = {"name": "trimmed_mean", "f": 0}
 CASES: dict[str, dict[str, Any]] = {
@@ -40,58 +38,26 @@ def spec_doc(distributed: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _rank(rank: int, world: int, port: int, out: str, queue: Any) -> None:
-    import torch.distributed as dist
-
+def _rank(rank: int, world: int, out: str) -> dict[str, Any]:
     from tests.unit.workers.harness import final_state, run_worker
 
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     results: dict[str, Any] = {}
-    try:
-        for key, distributed in CASES.items():
-            results["_at"] = key
-            spec = ExperimentSpec.model_validate(spec_doc(distributed))
+    for key, distributed in CASES.items():
+        spec = ExperimentSpec.model_validate(spec_doc(distributed))
+        try:
             log, _ = run_worker(spec, Path(out) / f"rank{rank}", run_id=key, rank=rank, world=world)
-            if rank == 0:
-                state = {k: v.numpy() for k, v in final_state(Path(out) / "rank0", key).items()}
-                results[key] = (state, sorted(log.metric_log))
-    except Exception as exc:  # report it: the other rank may be stuck in a collective
-        queue.put((rank, {"_error": f"{results.get('_at')}: {exc!r}"}))
-        raise
-    dist.destroy_process_group()
-    queue.put((rank, results))
+        except Exception as exc:
+            raise RuntimeError(f"{key}: {exc!r}") from exc
+        if rank == 0:
+            state = {k: v.numpy() for k, v in final_state(Path(out) / "rank0", key).items()}
+            results[key] = (state, sorted(log.metric_log))
+    return results
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     pytest.importorskip("deepspeed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path_factory.mktemp("strategies")
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, str(out), queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got: dict[int, dict[str, Any]] = {}
-    try:
-        while len(got) < 2:
-            rank, res = queue.get(timeout=300)
-            assert "_error" not in res, f"rank {rank}: {res['_error']}"
-            got[rank] = res
-        for p in procs:
-            p.join(timeout=60)
-            assert p.exitcode == 0
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join()
-    return got[0]
+    return run_ranks(_rank, 2, str(tmp_path_factory.mktemp("strategies")))[0]  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("key", [k for k in CASES if k != "ddp"])
