@@ -1,6 +1,5 @@
 """FastAPI dependencies: the app's state, a DB session per request, bearer-token auth."""
 
-import hmac
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from service.launcher import Launcher
 from service.readiness import Readiness
 from service.settings import Settings
 from service.tracking import Tracker
+from service.users import ANONYMOUS, Directory, Role, User
 
 
 @dataclass
@@ -29,6 +29,7 @@ class AppState:
     control: ControlLoop | None
     readiness: Readiness
     bundles: BundleStore
+    users: Directory
 
 
 # The dependencies that do no I/O are coroutines: FastAPI runs a plain function in its thread pool,
@@ -76,23 +77,42 @@ async def get_session(state: StateDep) -> AsyncIterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-_bearer = HTTPBearer(auto_error=False, description="one of ORCHESTRA_API_TOKENS (when set)")
+_bearer = HTTPBearer(auto_error=False, description="a user's token (ORCHESTRA_USERS_FILE) or one of "
+                     "ORCHESTRA_API_TOKENS, when either is set")
 
 
-async def require_token(state: StateDep,
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    tokens = state.settings.tokens
-    if not tokens:
-        return
+async def current_user(state: StateDep,
+                       credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> User:
+    """The caller: the user whose token this is (401 without a known one), or the admin
+    ``anonymous`` when the API has no users. Never logs the token."""
+    if not state.users.enabled:
+        return ANONYMOUS
     given = credentials.credentials if credentials is not None else ""
     if not given:
         raise ApiError(401, "authorization", "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-    # Compare against every token in constant time; never log the value.
-    ok = False
-    for token in tokens:
-        ok |= hmac.compare_digest(given.encode(), token.encode())
-    if not ok:
+    user = state.users.identify(given)
+    if user is None:
         raise ApiError(401, "authorization", "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+    return user
 
 
-AuthDep = Depends(require_token)
+AuthDep = Depends(current_user)
+UserDep = Annotated[User, Depends(current_user)]
+
+
+def require_writer(user: User) -> None:
+    if not user.can_write():
+        raise ApiError(403, "role", f"{user.name} is a viewer: viewers read only; changes need the member or "
+                       "admin role")
+
+
+def require_manager(user: User, owner: str, what: str) -> None:
+    """403 unless ``user`` may change ``what`` (an experiment), which ``owner`` submitted."""
+    require_writer(user)
+    if not user.manages(owner):
+        raise ApiError(403, "owner", f"{what} belongs to {owner}: members change their own experiments only")
+
+
+def require_admin(user: User) -> None:
+    if user.role != Role.ADMIN:
+        raise ApiError(403, "role", f"{user.name} is a {user.role}: only admins read this")

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from api.deps import AppState
 from api.errors import BodySizeLimit, install_error_handlers
 from api.openapi import install_openapi
-from api.routes import bundles, experiments, runs, system
+from api.routes import audit, bundles, experiments, runs, system
 from service.bundles import BundleStore
 from service.control import ControlLoop
 from service.db import engine_for, require_migrated, session_factory
@@ -21,6 +21,7 @@ from service.reconciler import Reconciler
 from service.scheduler import Scheduler
 from service.settings import Settings, get_settings
 from service.tracking import Tracker
+from service.users import Directory
 
 
 def build_state(settings: Settings, launcher: Launcher | None = None, tracker: Tracker | None = None) -> AppState:
@@ -49,7 +50,7 @@ def build_state(settings: Settings, launcher: Launcher | None = None, tracker: T
     readiness = Readiness({"database": database, "ray": launcher.ping, "mlflow": tracker.ping},
                           timeout_s=settings.readiness_timeout_s)
     return AppState(settings=settings, sessions=sessions, launcher=launcher, tracker=tracker, control=control,
-                    readiness=readiness, bundles=store)
+                    readiness=readiness, bundles=store, users=Directory.load(settings.users_file, settings.tokens))
 
 
 def create_app(settings: Settings | None = None, *, launcher: Launcher | None = None,
@@ -79,7 +80,7 @@ def create_app(settings: Settings | None = None, *, launcher: Launcher | None = 
     install_openapi(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
                        larger={"/v1/bundles": settings.max_bundle_bytes})
-    for module in (system, experiments, runs, bundles):
+    for module in (system, experiments, runs, bundles, audit):
         app.include_router(module.router)
     logging.getLogger("service").setLevel(logging.INFO)
     return app

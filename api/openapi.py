@@ -18,7 +18,8 @@ _REF = "#/components/schemas/{model}"
 
 _WHY = {
     400: "the body or a query parameter is not readable (not JSON/YAML, too deep, an unknown cursor)",
-    401: "no valid bearer token (when ORCHESTRA_API_TOKENS is set)",
+    401: "no valid bearer token (when ORCHESTRA_API_TOKENS or ORCHESTRA_USERS_FILE is set)",
+    403: "the caller's role or ownership does not allow it (the rule is named)",
     404: "no such experiment or run",
     409: "the Idempotency-Key was used with a different spec",
     413: "the body, or the spec once YAML's aliases are expanded, is over the limit",

@@ -40,14 +40,17 @@ class ExperimentPublic(BaseModel):
     name: str
     status: str
     priority: int
+    owner: str
+    project: str
     created_at: Timestamp
     spec: dict[str, Any]
     runs: list[RunPublic]
 
     @classmethod
     def of(cls, exp: Experiment) -> "ExperimentPublic":
-        return cls(id=exp.id, name=exp.name, status=exp.status, priority=exp.priority,
-                   created_at=exp.created_at, spec=exp.resolved_spec, runs=[RunPublic.of(r) for r in exp.runs])
+        return cls(id=exp.id, name=exp.name, status=exp.status, priority=exp.priority, owner=exp.owner,
+                   project=exp.project, created_at=exp.created_at, spec=exp.resolved_spec,
+                   runs=[RunPublic.of(r) for r in exp.runs])
 
 
 class ExperimentPage(BaseModel):
@@ -80,6 +83,20 @@ class ReadinessBody(BaseModel):
     status: str  # "ready" | "not ready"
     checks: dict[str, str]  # dependency -> "ok" | "unavailable"
     unavailable: list[str]
+
+
+class AuditEntry(BaseModel):
+    id: int
+    at: Timestamp
+    actor: str
+    action: str  # submit | cancel
+    target: str  # the experiment's id
+    detail: str | None
+
+
+class AuditPage(BaseModel):
+    items: list[AuditEntry]
+    next: int | None  # the `before` of the next (older) page
 
 
 class BundlePublic(BaseModel):

@@ -70,8 +70,14 @@ def serve(port: Annotated[int, typer.Option(help="API port")] = 8000,
     """Run the API with its scheduler and reconciler against the services named by settings."""
     from service.db import DatabaseNotMigrated, engine_for, require_migrated
     from service.settings import get_settings
+    from service.users import Directory, UsersError
 
-    url = get_settings().resolved_database_url
+    settings = get_settings()
+    try:
+        Directory.load(settings.users_file, settings.tokens)
+    except UsersError as exc:
+        _fail(str(exc))
+    url = settings.resolved_database_url
     engine = engine_for(url)
     if workers > 1 and engine.dialect.name != "postgresql":
         _fail("--workers: more than one API process needs PostgreSQL (ORCHESTRA_DATABASE_URL); SQLite serves one")
@@ -226,11 +232,42 @@ def submit(file: Path, wait: Annotated[bool, typer.Option("--wait", help="wait f
     _print_status(exp)
 
 
+@app.command("hash-token")
+def hash_token(token: str) -> None:
+    """Print the value of a users file's `token:` for this token (sha256:<hex>)."""
+    from service.users import token_hash
+
+    typer.echo(token_hash(token))
+
+
 @app.command("list")
-def list_(limit: int = 20, api: ApiOpt = None) -> None:
-    """List experiments, newest first."""
-    for exp in _client(api).experiments(limit=limit)["items"]:
-        _print_status(exp)
+def list_(
+    limit: Annotated[int, typer.Option(min=1, max=500, help="rows")] = 20,
+    project: Annotated[str | None, typer.Option(help="only this project")] = None,
+    owner: Annotated[str | None, typer.Option(help="only this user's")] = None,
+    status: Annotated[str | None, typer.Option(help="queued, dispatched, running, succeeded, failed or cancelled")]
+    = None,
+    tag: Annotated[list[str] | None, typer.Option(help="key:value; repeat for several (all must match)")] = None,
+    name: Annotated[str | None, typer.Option(help="a prefix of the name")] = None,
+    since: Annotated[str | None, typer.Option(help="created at or after (ISO 8601)")] = None,
+    until: Annotated[str | None, typer.Option(help="created before (ISO 8601)")] = None,
+    api: ApiOpt = None,
+) -> None:
+    """List experiments, newest first, as a table; the filters narrow together."""
+    client = _client(api)
+    try:
+        page = client.experiments(limit=limit, project=project, owner=owner, status=status, tag=tag, name=name,
+                                  created_after=since, created_before=until)
+    except ApiError as exc:
+        _fail(str(exc), 2)
+    rows = [(e["id"], e["project"], e["name"], e["owner"], e["status"], e["created_at"][:19].replace("T", " "))
+            for e in page["items"]]
+    header = ("ID", "PROJECT", "NAME", "OWNER", "STATUS", "CREATED (UTC)")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        typer.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    if page["next"]:
+        typer.echo(f"(more: the next page starts after {page['next']})")
 
 
 @app.command()

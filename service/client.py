@@ -82,9 +82,12 @@ class Client:
 
     get = experiment
 
-    def experiments(self, limit: int = 50, after: str | None = None) -> dict[str, Any]:
-        """One page (``items``, ``next``), newest first; pass ``next`` as ``after`` for the next."""
-        params: dict[str, Any] = {"limit": limit, **({"cursor": after} if after else {})}
+    def experiments(self, limit: int = 50, after: str | None = None, **filters: Any) -> dict[str, Any]:
+        """One page (``items``, ``next``), newest first; pass ``next`` as ``after`` for the next.
+        ``filters``: ``project``, ``owner``, ``status``, ``tag`` (``"key:value"`` or a list of them),
+        ``name`` (a prefix), ``created_after``, ``created_before`` (ISO 8601); None is no filter."""
+        params: dict[str, Any] = {"limit": limit, **({"cursor": after} if after else {}),
+                                  **{k: v for k, v in filters.items() if v is not None}}
         return self._json(self.http.get("/v1/experiments", params=params))  # type: ignore[no-any-return]
 
     def all_experiments(self, limit: int = 50) -> list[dict[str, Any]]:

@@ -41,6 +41,8 @@ class Experiment:
     priority: int
     spec: dict[str, Any]
     resolved_spec: dict[str, Any]
+    owner: str
+    project: str
     created_at: datetime
     runs: list[Run]
 
@@ -49,6 +51,6 @@ class Experiment:
         runs = [Run.of(r) for r in row.runs]
         return cls(
             id=row.id, name=row.name, status=experiment_status([r.status for r in runs]),
-            priority=row.priority, spec=row.spec, resolved_spec=row.resolved_spec,
-            created_at=row.created_at, runs=runs,
+            priority=row.priority, spec=row.spec, resolved_spec=row.resolved_spec, owner=row.owner,
+            project=row.project, created_at=row.created_at, runs=runs,
         )

@@ -18,6 +18,10 @@ class Base(DeclarativeBase):
 
 class ExperimentRow(Base):
     __tablename__ = "experiments"
+    # the listing's orders (newest first), whole and by project or owner: each a walk of one index
+    __table_args__ = (Index("ix_experiments_created", "created_at", "id"),
+                      Index("ix_experiments_project_created", "project", "created_at", "id"),
+                      Index("ix_experiments_owner_created", "owner", "created_at", "id"))
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(128), index=True)
@@ -25,11 +29,39 @@ class ExperimentRow(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     resolved_spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True, nullable=True)
+    owner: Mapped[str] = mapped_column(String(64), default="anonymous")
+    project: Mapped[str] = mapped_column(String(64), default="default")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     runs: Mapped[list["RunRow"]] = relationship(
         back_populates="experiment", order_by="RunRow.index", lazy="selectin"
     )
+    tags: Mapped[list["TagRow"]] = relationship(cascade="all, delete-orphan", lazy="noload")
+
+
+class TagRow(Base):
+    """The spec's tags, one row each, for search (the spec keeps them too)."""
+
+    __tablename__ = "experiment_tags"
+    __table_args__ = (Index("ix_experiment_tags_key_value", "key", "value", "experiment_id"),)
+
+    experiment_id: Mapped[str] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    value: Mapped[str] = mapped_column(String(512))
+
+
+class AuditRow(Base):
+    """Who changed what, and when: every submission, cancellation (and later deletion, resume)."""
+
+    __tablename__ = "audit"
+    __table_args__ = (Index("ix_audit_at", "at", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class RunRow(Base):

@@ -15,7 +15,10 @@ class Settings(BaseSettings):
     ray_address: str = Field(default="http://127.0.0.1:8265", description="Ray dashboard (Jobs API) URL")
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
     mlflow_experiment_prefix: str = "orchestra"
-    api_tokens: str = Field(default="", description="comma-separated bearer tokens; empty = no auth")
+    api_tokens: str = Field(default="", description="comma-separated bearer tokens, each an admin; empty (and no "
+                            "users file) = no auth")
+    users_file: str = Field(default="", description="YAML file of users: name, role (viewer, member, admin) and "
+                            "the sha256 of their token (service.users)")
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_concurrent_runs: int = Field(default=4, ge=1)
     dispatch_max_attempts: int = Field(default=3, ge=1, description="a run whose dispatch Ray or MLflow "

@@ -39,8 +39,9 @@ class Tracker:
             return str(exp.experiment_id)
 
     def ensure_run(self, *, run_id: str, experiment_id: str, spec: dict[str, Any]) -> str:
-        """The MLflow run of this Orchestra run, created once (found by tag after a crash)."""
-        mlflow_exp = self._experiment_id(spec["name"])
+        """The MLflow run of this Orchestra run, created once (found by tag after a crash), in the
+        MLflow experiment of the spec's project."""
+        mlflow_exp = self._experiment_id(spec.get("project", "default"))
         found = self.client.search_runs([mlflow_exp], filter_string=f"tags.`{RUN_TAG}` = '{run_id}'",
                                         max_results=1)
         if found:

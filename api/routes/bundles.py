@@ -5,7 +5,7 @@ import zipfile
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import AuthDep, StateDep
+from api.deps import AuthDep, StateDep, UserDep, require_writer
 from api.errors import ApiError
 from api.openapi import errors
 from api.schemas import BundlePublic
@@ -14,14 +14,15 @@ from service.bundles import HASH, BundleError
 router = APIRouter(prefix="/v1/bundles", tags=["bundles"], dependencies=[AuthDep], responses=errors(401, 422))
 
 
-@router.post("", status_code=201, response_model=BundlePublic, responses=errors(413),
+@router.post("", status_code=201, response_model=BundlePublic, responses=errors(403, 413),
              openapi_extra={"requestBody": {"required": True, "content": {
                  # the zip's bytes, sent as application/zip or application/octet-stream (declared:
                  # clients and generators that know no zip media type send bytes as octet-stream)
                  "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
-async def upload_bundle(request: Request, state: StateDep) -> BundlePublic:
+async def upload_bundle(request: Request, state: StateDep, user: UserDep) -> BundlePublic:
     """Store a zip of the code a run needs; answers its hash (name it as the spec's `code.bundle`).
-    Uploading the same bytes again answers the same hash and stores nothing new."""
+    Uploading the same bytes again answers the same hash and stores nothing new. Viewers cannot."""
+    require_writer(user)
     data = await request.body()
     try:
         info = await run_in_threadpool(state.bundles.put, data)

@@ -1,8 +1,8 @@
 """``ExperimentSpec``: every section, and the rules that span sections."""
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, StringConstraints, model_validator
 
 from algorithms._config import StrictModel
 from algorithms.merging.config import MergeConfig
@@ -18,13 +18,19 @@ from service.spec.task import TaskSpec
 from service.spec.train import TrainSpec
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+PROJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+TagKey = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+TagValue = Annotated[str, StringConstraints(max_length=512)]
 
 
 class ExperimentSpec(StrictModel):
     name: str = Field(pattern=NAME_PATTERN)
     description: str | None = Field(default=None, max_length=10_000)
     priority: int = Field(default=0, ge=-100, le=100, description="higher runs first")
-    tags: dict[str, str] = Field(default_factory=dict)
+    project: str = Field(default="default", pattern=PROJECT_PATTERN,
+                         description="the group the experiment is listed and tracked in (one MLflow experiment each)")
+    tags: dict[TagKey, TagValue] = Field(default_factory=dict, max_length=10_000,
+                                         description="searchable: GET /v1/experiments?tag=key:value")
     task: TaskSpec
     train: TrainSpec | None = None
     optimizer: OptimizerConfig | None = None
