@@ -16,6 +16,7 @@ from service.bundles import BundleStore
 from service.control import ControlLoop
 from service.db import engine_for, require_migrated, session_factory
 from service.launcher import Launcher, RayJobLauncher
+from service.quotas import Limits, Quotas
 from service.readiness import Readiness
 from service.reconciler import Reconciler
 from service.scheduler import Scheduler
@@ -32,13 +33,16 @@ def build_state(settings: Settings, launcher: Launcher | None = None, tracker: T
     launcher = launcher or RayJobLauncher(settings.ray_address)
     tracker = tracker or Tracker(settings.mlflow_tracking_uri, settings.mlflow_experiment_prefix)
     store = BundleStore(settings.resolved_bundle_store, settings.max_bundle_bytes)
+    users = Directory.load(settings.users_file, settings.tokens)
+    limits = Quotas(user=Limits(settings.user_max_runs, settings.user_max_gpus),
+                    project=Limits(settings.project_max_runs, settings.project_max_gpus), per_user=users.limits)
     control = None
     if settings.background:
         control = ControlLoop(
             Scheduler(sessions, launcher, tracker, max_concurrent=settings.max_concurrent_runs,
                       storage_path=settings.resolved_storage_path, job_python=settings.job_python,
                       max_attempts=settings.dispatch_max_attempts, retry_delay_s=settings.dispatch_retry_delay_s,
-                      bundles=store, mlflow_outage_limit_s=settings.mlflow_outage_limit_s),
+                      bundles=store, mlflow_outage_limit_s=settings.mlflow_outage_limit_s, quotas=limits),
             Reconciler(sessions, launcher, tracker, ray_lost_after_s=settings.ray_lost_after_s),
             interval_s=min(settings.scheduler_interval_s, settings.reconciler_interval_s),
             max_backoff_s=settings.control_max_backoff_s,
@@ -50,7 +54,7 @@ def build_state(settings: Settings, launcher: Launcher | None = None, tracker: T
     readiness = Readiness({"database": database, "ray": launcher.ping, "mlflow": tracker.ping},
                           timeout_s=settings.readiness_timeout_s)
     return AppState(settings=settings, sessions=sessions, launcher=launcher, tracker=tracker, control=control,
-                    readiness=readiness, bundles=store, users=Directory.load(settings.users_file, settings.tokens))
+                    readiness=readiness, bundles=store, users=users)
 
 
 def create_app(settings: Settings | None = None, *, launcher: Launcher | None = None,

@@ -24,6 +24,7 @@ class RunPublic(BaseModel):
     mlflow_run_id: str | None
     ray_submission_id: str | None
     error: str | None
+    waiting: str | None  # why a queued run is not dispatched yet (a quota, the concurrency limit)
     cancel_requested: bool
     created_at: Timestamp
     dispatched_at: Timestamp | None

@@ -4,7 +4,7 @@ domain objects (``service.domain``)."""
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -66,7 +66,8 @@ class AuditRow(Base):
 
 class RunRow(Base):
     __tablename__ = "runs"
-    __table_args__ = (Index("ix_runs_status_priority", "status", "priority", "created_at"),)
+    __table_args__ = (Index("ix_runs_status_priority", "status", "priority", "created_at"),
+                      Index("ix_runs_dispatched_at", "dispatched_at"))
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     experiment_id: Mapped[str] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"), index=True)
@@ -78,6 +79,8 @@ class RunRow(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     dispatch_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    gpus: Mapped[float] = mapped_column(Float, default=0.0)  # held while active (service.spec.derived.gpus_held)
+    waiting: Mapped[str | None] = mapped_column(String(200), nullable=True)  # why a queued run is not dispatched
     next_dispatch_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)

@@ -1,4 +1,6 @@
-"""The scheduler: queued runs -> Ray jobs, by priority then FIFO, within the concurrency limit.
+"""The scheduler: queued runs -> Ray jobs, by priority, then fairly over users (round-robin, least
+served first), within the concurrency limit and the users' and projects' quotas (``service.quotas``);
+each run left queued shows why.
 
 Dispatch is crash-safe: the MLflow run is created (or found by tag) and the resolved spec stored
 on it, the Ray job is submitted under an id derived from the run id (a second submit is refused by
@@ -18,9 +20,11 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import quotas
 from service.bundles import BundleStore
 from service.launcher import Launcher, command_entrypoint, job_env, submission_id_for, worker_entrypoint
 from service.models import RunRow
+from service.quotas import Quotas
 from service.repo import leader
 from service.repo import runs as runs_repo
 from service.spec.task import CommandTaskSpec
@@ -30,14 +34,16 @@ from service.tracking import Tracker
 log = logging.getLogger(__name__)
 
 REASON_CHARS = 2000
+SERVED_MEMORY = timedelta(hours=24)  # how far back the fair order looks for a user's last dispatch
 
 
 class Scheduler:
     def __init__(self, sessions: sessionmaker[Session], launcher: Launcher, tracker: Tracker, *,
                  max_concurrent: int, storage_path: str, job_python: str = "",
                  max_attempts: int = 3, retry_delay_s: float = 5.0, bundles: BundleStore | None = None,
-                 mlflow_outage_limit_s: float = 900.0) -> None:
+                 mlflow_outage_limit_s: float = 900.0, quotas: Quotas = Quotas()) -> None:
         self.sessions = sessions
+        self.quotas = quotas
         self.mlflow_outage_limit_s = mlflow_outage_limit_s
         self.bundles = bundles  # where the code bundles named by specs are kept
         self.launcher = launcher
@@ -58,11 +64,16 @@ class Scheduler:
             for row in runs_repo.cancel_requested_queued(session):
                 transition(row, RunStatus.CANCELLED, error="cancelled before dispatch")
             session.commit()
-            free = self.max_concurrent - runs_repo.count_active(session)
-            if free <= 0:
-                return 0
-            ids = [row.id for row in runs_repo.queued_rows(session, free, due_before=datetime.now(UTC))]
-            session.rollback()
+            free = max(0, self.max_concurrent - runs_repo.count_active(session))
+            now = datetime.now(UTC)
+            queued = runs_repo.queued_candidates(session, due_before=now)
+            usage = runs_repo.usage(session, served_since=now - SERVED_MEMORY)
+            chosen, waiting = quotas.select(quotas.fair_order(queued, usage), usage, self.quotas, free,
+                                            f"concurrency limit: {self.max_concurrent} run"
+                                            f"{'s' if self.max_concurrent != 1 else ''} active")
+            runs_repo.set_waiting(session, {**waiting, **{c.run_id: None for c in chosen}})
+            session.commit()
+        ids = [c.run_id for c in chosen]
         if not ids:
             return 0
         down = self._down()

@@ -21,6 +21,10 @@ class Settings(BaseSettings):
                             "the sha256 of their token (service.users)")
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_concurrent_runs: int = Field(default=4, ge=1)
+    user_max_runs: int | None = Field(default=None, ge=0, description="active runs per user (unset: no limit)")
+    user_max_gpus: float | None = Field(default=None, ge=0, description="GPUs held per user (unset: no limit)")
+    project_max_runs: int | None = Field(default=None, ge=0, description="active runs per project")
+    project_max_gpus: float | None = Field(default=None, ge=0, description="GPUs held per project")
     dispatch_max_attempts: int = Field(default=3, ge=1, description="a run whose dispatch Ray or MLflow "
                                        "refuses this many times (while both answer) fails with the reason")
     dispatch_retry_delay_s: float = Field(default=5.0, ge=0, description="delay before the second dispatch "

@@ -4,7 +4,7 @@
 token (never the token itself)::
 
     users:
-      - {name: alice, role: member, token: "sha256:<hex of the token>"}
+      - {name: alice, role: member, token: "sha256:<hex of the token>", max_runs: 2}
       - {name: ops, role: admin, token: "sha256:..."}
       - {name: guest, role: viewer, token: "sha256:..."}
 
@@ -29,6 +29,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from algorithms._config import StrictModel
+from service.quotas import Limits
 
 USER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
 
@@ -59,6 +60,10 @@ class UserEntry(StrictModel):
     name: str = Field(pattern=USER_PATTERN)
     role: Role
     token: str = Field(pattern=r"^sha256:[0-9a-f]{64}$", description="sha256:<hex digest of the token>")
+    max_runs: int | None = Field(default=None, ge=0, description="this user's active runs at most (else the "
+                                 "default, ORCHESTRA_USER_MAX_RUNS)")
+    max_gpus: float | None = Field(default=None, ge=0, description="this user's GPUs at most (else "
+                                   "ORCHESTRA_USER_MAX_GPUS)")
 
 
 class UsersFile(StrictModel):
@@ -87,6 +92,8 @@ class Directory:
 
     def __init__(self, users: list[UserEntry], admin_tokens: Sequence[str] = ()) -> None:
         self._by_hash = {u.token: User(u.name, u.role) for u in users}
+        self.limits = {u.name: Limits(runs=u.max_runs, gpus=u.max_gpus) for u in users
+                       if u.max_runs is not None or u.max_gpus is not None}
         for token in admin_tokens:
             self._by_hash.setdefault(token_hash(token), User("admin", Role.ADMIN))
 

@@ -33,6 +33,25 @@ def worker_resources(dist: "DistributedSpec") -> dict[str, float]:
     return {"CPU": 1.0, **({"GPU": 1.0} if dist.use_gpu else {})}
 
 
+def gpus_held(spec: "ExperimentSpec") -> float:
+    """The GPUs the spec's run holds while it is active, what the GPU quotas count: its workers'
+    (a command's own request); a sweep's trials at once (``max_concurrent_trials``, else every
+    grid point of every sample)."""
+    per_trial = spec.distributed.num_workers * worker_resources(spec.distributed).get("GPU", 0.0)
+    if spec.task.kind == "merge":
+        per_trial = 0.0
+    sweep = spec.sweep
+    if sweep is None:
+        return per_trial
+    at_once = sweep.max_concurrent_trials
+    if at_once is None:
+        at_once = sweep.num_samples
+        for dist in sweep.parameters.values():
+            kind, values = next(iter(dist.items()))
+            at_once *= len(values) if kind == "grid" else 1
+    return per_trial * at_once
+
+
 def needs_robust_exchange(spec: "ExperimentSpec") -> bool:
     """A robust rule, or simulated Byzantine gradients: every rank's whole gradient is needed."""
     agg = spec.distributed.aggregator

@@ -105,3 +105,16 @@ def test_a_bad_users_file_is_refused_naming_the_field(tmp_path: Path, doc: dict,
     with pytest.raises(UsersError, match=f"ORCHESTRA_USERS_FILE {path}") as err:
         Directory.load(str(path), [])
     assert where in str(err.value)
+
+
+def test_a_users_own_limits_override_the_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "users.yaml"
+    path.write_text(yaml.safe_dump({"users": [
+        {"name": "alice", "role": "member", "token": token_hash("a"), "max_runs": 1},
+        {"name": "bob", "role": "member", "token": token_hash("b"), "max_gpus": 8}]}))
+    from service.quotas import Limits, Quotas
+
+    quotas = Quotas(user=Limits(runs=3, gpus=2), per_user=Directory.load(str(path), []).limits)
+    assert quotas.for_user("alice") == Limits(runs=1, gpus=2)
+    assert quotas.for_user("bob") == Limits(runs=3, gpus=8)
+    assert quotas.for_user("carol") == Limits(runs=3, gpus=2)

@@ -1,4 +1,5 @@
-"""owners, projects and tags of experiments (indexed for search), the audit log
+"""owners, projects and tags of experiments (indexed for search), the audit log, each run's GPUs
+and why it waits (quotas)
 
 Revision ID: 0003
 Revises: 0002
@@ -17,6 +18,10 @@ def upgrade() -> None:
     with op.batch_alter_table("experiments", schema=None) as batch_op:
         batch_op.add_column(sa.Column("owner", sa.String(64), nullable=False, server_default="anonymous"))
         batch_op.add_column(sa.Column("project", sa.String(64), nullable=False, server_default="default"))
+    with op.batch_alter_table("runs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("gpus", sa.Float(), nullable=False, server_default="0"))
+        batch_op.add_column(sa.Column("waiting", sa.String(200), nullable=True))
+    op.create_index("ix_runs_dispatched_at", "runs", ["dispatched_at"])  # the fair order's recent dispatches
     op.create_index("ix_experiments_created", "experiments", ["created_at", "id"])
     op.create_index("ix_experiments_project_created", "experiments", ["project", "created_at", "id"])
     op.create_index("ix_experiments_owner_created", "experiments", ["owner", "created_at", "id"])
@@ -48,6 +53,10 @@ def downgrade() -> None:
     op.drop_index("ix_experiments_owner_created", table_name="experiments")
     op.drop_index("ix_experiments_project_created", table_name="experiments")
     op.drop_index("ix_experiments_created", table_name="experiments")
+    op.drop_index("ix_runs_dispatched_at", table_name="runs")
+    with op.batch_alter_table("runs", schema=None) as batch_op:
+        batch_op.drop_column("waiting")
+        batch_op.drop_column("gpus")
     with op.batch_alter_table("experiments", schema=None) as batch_op:
         batch_op.drop_column("project")
         batch_op.drop_column("owner")

@@ -1,0 +1,117 @@
+"""Quotas and the fair order of the queue.
+
+Each user and each project may hold at most so many active runs and so many GPUs (settings; a
+user's own limits in the users file override the user defaults). At equal priority the queue is
+served round-robin over users, least served first: fewest active runs, then the one served longest
+ago, then the one waiting longest; a user's own runs keep their order. So one user's burst does not
+starve the others, and a user over a quota waits without holding back anyone else. Every run left
+queued gets the reason (``user quota: 2 runs``, ``concurrency limit: 4 runs active``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import groupby
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A queued run, as the scheduler orders it."""
+
+    run_id: str
+    owner: str
+    project: str
+    gpus: float
+    priority: int
+    created_at: datetime
+
+
+@dataclass
+class Usage:
+    """What is active now, per user and per project; the pass adds what it dispatches."""
+
+    runs: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    gpus: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
+    last_served: dict[str, datetime] = field(default_factory=dict)  # a user's latest dispatch
+
+    def add(self, owner: str, project: str, gpus: float) -> None:
+        for key in (("user", owner), ("project", project)):
+            self.runs[key] += 1
+            self.gpus[key] += gpus
+
+
+@dataclass(frozen=True)
+class Limits:
+    runs: int | None = None
+    gpus: float | None = None
+
+
+@dataclass(frozen=True)
+class Quotas:
+    user: Limits = Limits()
+    project: Limits = Limits()
+    per_user: dict[str, Limits] = field(default_factory=dict)  # the users file's own limits
+
+    def for_user(self, name: str) -> Limits:
+        own = self.per_user.get(name)
+        if own is None:
+            return self.user
+        return Limits(runs=own.runs if own.runs is not None else self.user.runs,
+                      gpus=own.gpus if own.gpus is not None else self.user.gpus)
+
+    def blocked(self, c: Candidate, usage: Usage) -> str | None:
+        """Why ``c`` may not start now, or None."""
+        for kind, name, limits in (("user", c.owner, self.for_user(c.owner)),
+                                   ("project", c.project, self.project)):
+            key = (kind, name)
+            if limits.runs is not None and usage.runs[key] + 1 > limits.runs:
+                return f"{kind} quota: {limits.runs} run{'s' if limits.runs != 1 else ''} ({name})"
+            if limits.gpus is not None and c.gpus > 0 and usage.gpus[key] + c.gpus > limits.gpus:
+                return f"{kind} quota: {limits.gpus:g} GPUs ({name} holds {usage.gpus[key]:g})"
+        return None
+
+
+def fair_order(queued: Iterable[Candidate], usage: Usage) -> list[Candidate]:
+    """``queued`` (by priority, then FIFO) in the order to try them: per priority level, round-robin
+    over users, least served first."""
+    out: list[Candidate] = []
+    ordered = sorted(queued, key=lambda c: (-c.priority, c.created_at, c.run_id))
+    for _, level in groupby(ordered, key=lambda c: c.priority):
+        queues: dict[str, deque[Candidate]] = {}
+        for c in level:
+            queues.setdefault(c.owner, deque()).append(c)
+        owners = sorted(queues, key=lambda owner: (_served(usage, owner), queues[owner][0].created_at))  # noqa: B023
+        while owners:
+            for owner in list(owners):
+                out.append(queues[owner].popleft())
+                if not queues[owner]:
+                    owners.remove(owner)
+    return out
+
+
+def _served(usage: Usage, owner: str) -> tuple[int, float]:
+    """Least served first: fewest active runs, then the longest since its last dispatch."""
+    last = usage.last_served.get(owner)
+    return usage.runs[("user", owner)], last.timestamp() if last else float("-inf")
+
+
+def select(order: list[Candidate], usage: Usage, quotas: Quotas, free: int,
+           limit_reason: str) -> tuple[list[Candidate], dict[str, str]]:
+    """The runs to dispatch now (at most ``free``, within the quotas, counting each other) and the
+    reason each other run waits."""
+    chosen: list[Candidate] = []
+    waiting: dict[str, str] = {}
+    for c in order:
+        if len(chosen) >= free:
+            waiting[c.run_id] = limit_reason
+            continue
+        reason = quotas.blocked(c, usage)
+        if reason is not None:
+            waiting[c.run_id] = reason
+            continue
+        chosen.append(c)
+        usage.add(c.owner, c.project, c.gpus)
+    return chosen, waiting
