@@ -90,7 +90,7 @@ class AuditEntry(BaseModel):
     id: int
     at: Timestamp
     actor: str
-    action: str  # submit | cancel
+    action: str  # submit | cancel | delete
     target: str  # the experiment's id
     detail: str | None
 

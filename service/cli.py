@@ -322,5 +322,15 @@ def cancel(id: str, api: ApiOpt = None) -> None:
     _print_status(_client(api).cancel(id))
 
 
+@app.command()
+def delete(id: str, api: ApiOpt = None) -> None:
+    """Remove a finished experiment (and mark its MLflow runs deleted)."""
+    try:
+        _client(api).delete(id)
+    except ApiError as exc:
+        _fail(str(exc), 2)
+    typer.echo(f"{id} deleted")
+
+
 if __name__ == "__main__":
     app()

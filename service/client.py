@@ -90,6 +90,10 @@ class Client:
                                   **{k: v for k, v in filters.items() if v is not None}}
         return self._json(self.http.get("/v1/experiments", params=params))  # type: ignore[no-any-return]
 
+    def delete(self, experiment_id: str) -> None:
+        """Remove a finished experiment and mark its MLflow runs deleted."""
+        self._json(self.http.delete(f"/v1/experiments/{experiment_id}"))
+
     def all_experiments(self, limit: int = 50) -> list[dict[str, Any]]:
         """Up to ``limit`` experiments, newest first, over as many pages as it takes."""
         out: list[dict[str, Any]] = []

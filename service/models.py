@@ -33,10 +33,12 @@ class ExperimentRow(Base):
     project: Mapped[str] = mapped_column(String(64), default="default")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
+    # deleting an experiment deletes its runs and tags (ON DELETE CASCADE in the database)
     runs: Mapped[list["RunRow"]] = relationship(
-        back_populates="experiment", order_by="RunRow.index", lazy="selectin"
+        back_populates="experiment", order_by="RunRow.index", lazy="selectin", cascade="all, delete-orphan",
+        passive_deletes=True,
     )
-    tags: Mapped[list["TagRow"]] = relationship(cascade="all, delete-orphan", lazy="noload")
+    tags: Mapped[list["TagRow"]] = relationship(cascade="all, delete-orphan", lazy="noload", passive_deletes=True)
 
 
 class TagRow(Base):

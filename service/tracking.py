@@ -67,6 +67,17 @@ class Tracker:
         if run.info.status in ("RUNNING", "SCHEDULED"):
             self.client.set_terminated(mlflow_run_id, status=status)
 
+    def delete_runs(self, mlflow_run_id: str) -> None:
+        """Mark the run deleted in MLflow (recoverable there until its garbage collection), with
+        its child runs (a sweep's trials)."""
+        run = self.client.get_run(mlflow_run_id)
+        children = self.client.search_runs([run.info.experiment_id], max_results=50_000,
+                                           filter_string=f"tags.mlflow.parentRunId = '{mlflow_run_id}'")
+        for child in children:
+            self.client.delete_run(child.info.run_id)
+        if run.info.lifecycle_stage != "deleted":
+            self.client.delete_run(mlflow_run_id)
+
     def ping(self) -> None:
         """Raise unless the tracking server answers, within a second (MLflow's client retries a
         down server for minutes, which would stall the scheduler and ``/readyz``)."""

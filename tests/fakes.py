@@ -59,6 +59,7 @@ class MemoryTracker:
     runs: dict[str, str] = field(default_factory=dict)
     closed: dict[str, str] = field(default_factory=dict)
     specs: dict[str, dict] = field(default_factory=dict)  # type: ignore[type-arg]
+    deleted: list[str] = field(default_factory=list)
 
     def ensure_run(self, *, run_id: str, experiment_id: str, spec: dict) -> str:  # type: ignore[type-arg]
         return self.runs.setdefault(run_id, f"mlflow-{run_id[:8]}")
@@ -68,6 +69,9 @@ class MemoryTracker:
 
     def close_if_open(self, mlflow_run_id: str, status: str) -> None:
         self.closed[mlflow_run_id] = status
+
+    def delete_runs(self, mlflow_run_id: str) -> None:
+        self.deleted.append(mlflow_run_id)
 
     def ping(self) -> None:
         return None

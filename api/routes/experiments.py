@@ -1,6 +1,7 @@
 """/v1/experiments: submit (JSON or YAML, idempotent), list, read, cancel."""
 
 import json
+import logging
 import re
 from datetime import datetime
 from typing import Annotated, Any
@@ -20,11 +21,12 @@ from service.spec import ExperimentSpec
 from service.spec.derived import gpus_held
 from service.spec.model import PROJECT_PATTERN
 from service.spec.parse import SpecError, load_document, validate_document
-from service.state import RunStatus
+from service.state import TERMINAL, RunStatus
 from service.users import USER_PATTERN
 
 router = APIRouter(prefix="/v1/experiments", tags=["experiments"], dependencies=[AuthDep],
                    responses=errors(401, 422, 503))
+log = logging.getLogger(__name__)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -137,3 +139,28 @@ def cancel_experiment(experiment_id: ExperimentId, state: StateDep, session: Ses
     exp = exp_repo.get_experiment(session, experiment_id)
     assert exp is not None
     return ExperimentPublic.of(exp)
+
+
+@router.delete("/{experiment_id}", status_code=204, responses=errors(403, 404, 409))
+def delete_experiment(experiment_id: ExperimentId, state: StateDep, session: SessionDep, user: UserDep) -> Response:
+    """Remove a finished experiment (succeeded, failed or cancelled) and mark its MLflow runs
+    deleted. Members delete their own; admins any."""
+    exp = exp_repo.get_experiment(session, experiment_id)
+    if exp is None:
+        raise ApiError(404, "experiment_id", f"no experiment {experiment_id!r}")
+    require_manager(user, exp.owner, f"experiment {experiment_id}")
+    if exp.status not in {s.value for s in TERMINAL}:
+        raise ApiError(409, "status", f"experiment {experiment_id} is {exp.status}: cancel it and wait for the end "
+                       "before deleting it")
+    for run in exp.runs:
+        if run.mlflow_run_id:
+            try:
+                state.tracker.delete_runs(run.mlflow_run_id)
+            except Exception as exc:  # nothing is deleted here until MLflow has deleted its runs
+                log.warning("deleting MLflow run %s: %s: %s", run.mlflow_run_id, type(exc).__name__, str(exc)[:300])
+                raise ApiError(503, "mlflow", "could not delete the MLflow runs; retry later",
+                               headers={"Retry-After": "5"}) from None
+    exp_repo.delete_experiment(session, experiment_id)
+    audit.record(session, actor=user.name, action="delete", target=experiment_id, detail=f"{exp.project}/{exp.name}")
+    session.commit()
+    return Response(status_code=204)

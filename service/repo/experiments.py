@@ -58,6 +58,13 @@ def get_experiment(session: Session, experiment_id: str) -> Experiment | None:
     return Experiment.of(row) if row else None
 
 
+def delete_experiment(session: Session, experiment_id: str) -> None:
+    """Remove the experiment, its runs and tags (the caller commits)."""
+    row = session.get(ExperimentRow, experiment_id)
+    if row is not None:
+        session.delete(row)
+
+
 def count_experiments(session: Session) -> int:
     return session.scalar(select(func.count()).select_from(ExperimentRow)) or 0
 

@@ -13,6 +13,7 @@ from service.spec import parse_spec
 from tests.api_harness import make_client
 from tests.unit.test_api import QUICKSTART, run_contract
 from tests.unit.test_hostile_input import check_hostile
+from tests.unit.test_lifecycle import run_delete
 from tests.unit.test_search import run_search, users
 
 pytestmark = pytest.mark.integration
@@ -39,6 +40,10 @@ def test_contract_on_postgres(postgres_url: str) -> None:
 
 def test_search_and_stable_pages_on_postgres(postgres_url: str, tmp_path: Path) -> None:
     run_search(make_client(postgres_url, users_file=users(tmp_path)))
+
+
+def test_delete_on_postgres(postgres_url: str, tmp_path: Path) -> None:
+    run_delete(postgres_url, tmp_path)
 
 
 def test_hostile_bodies_on_postgres(postgres_url: str) -> None:
