@@ -25,6 +25,8 @@ class RunPublic(BaseModel):
     ray_submission_id: str | None
     error: str | None
     waiting: str | None  # why a queued run is not dispatched yet (a quota, the concurrency limit)
+    attempt: int  # 1, then one more per retry
+    failure_kind: str | None  # oom | node_lost | nccl | preempted | user_error: the last failure's
     cancel_requested: bool
     created_at: Timestamp
     dispatched_at: Timestamp | None

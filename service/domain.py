@@ -18,6 +18,8 @@ class Run:
     ray_submission_id: str | None
     error: str | None
     waiting: str | None
+    attempt: int
+    failure_kind: str | None
     cancel_requested: bool
     created_at: datetime
     dispatched_at: datetime | None
@@ -29,7 +31,7 @@ class Run:
         return cls(
             id=row.id, experiment_id=row.experiment_id, index=row.index, status=row.status,
             mlflow_run_id=row.mlflow_run_id, ray_submission_id=row.ray_submission_id, error=row.error,
-            waiting=row.waiting,
+            waiting=row.waiting, attempt=row.attempt, failure_kind=row.failure_kind,
             cancel_requested=row.cancel_requested, created_at=row.created_at,
             dispatched_at=row.dispatched_at, started_at=row.started_at, finished_at=row.finished_at,
         )

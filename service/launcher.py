@@ -14,8 +14,10 @@ from typing import Any, Protocol
 log = logging.getLogger(__name__)
 
 
-def submission_id_for(run_id: str) -> str:
-    return f"orchestra-{run_id}"
+def submission_id_for(run_id: str, attempt: int = 1) -> str:
+    """The Ray job of a run's attempt: one id per attempt, so a control plane that restarts never
+    submits an attempt twice (Ray refuses a second job of the same id)."""
+    return f"orchestra-{run_id}" if attempt == 1 else f"orchestra-{run_id}-{attempt}"
 
 
 @dataclass(frozen=True)
@@ -47,12 +49,13 @@ def command_entrypoint(command: str, python: str = "") -> str:
 
 
 def job_env(*, run_id: str, experiment_id: str, mlflow_uri: str, mlflow_run_id: str,
-            storage_path: str, mlflow_outage_limit_s: float = 900.0) -> dict[str, str]:
+            storage_path: str, mlflow_outage_limit_s: float = 900.0, attempt: int = 1) -> dict[str, str]:
     """The job's environment: where to find things, never the spec itself (the job reads the
     resolved spec from its MLflow run, ``Tracker.put_spec``): an environment string is capped at
     128 KiB on Linux, and Ray shows a job's environment in its dashboard and logs."""
     return {
         "ORCHESTRA_RUN_ID": run_id,
+        "ORCHESTRA_ATTEMPT": str(attempt),
         "ORCHESTRA_EXPERIMENT_ID": experiment_id,
         "MLFLOW_TRACKING_URI": mlflow_uri,
         "ORCHESTRA_MLFLOW_RUN_ID": mlflow_run_id,

@@ -83,6 +83,8 @@ class RunRow(Base):
     dispatch_attempts: Mapped[int] = mapped_column(Integer, default=0)
     gpus: Mapped[float] = mapped_column(Float, default=0.0)  # held while active (service.spec.derived.gpus_held)
     waiting: Mapped[str | None] = mapped_column(String(200), nullable=True)  # why a queued run is not dispatched
+    attempt: Mapped[int] = mapped_column(Integer, default=1)  # 1, then one more per retry (its own Ray job)
+    failure_kind: Mapped[str | None] = mapped_column(String(16), nullable=True)  # service.failures
     next_dispatch_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)

@@ -14,10 +14,12 @@ from collections.abc import Callable, Sequence
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.failures import classify
 from service.launcher import JobState, Launcher
 from service.models import RunRow
 from service.repo import leader
 from service.repo import runs as runs_repo
+from service.spec.retry import RetrySpec
 from service.state import RunStatus, transition
 from service.tracking import Tracker
 
@@ -92,6 +94,7 @@ class Reconciler:
         if silent < self.ray_lost_after_s:
             return 0
         for row in rows:
+            row.failure_kind = "node_lost"
             transition(row, RunStatus.FAILED, error=(
                 f"the Ray cluster did not answer for {silent:.0f} s (limit {self.ray_lost_after_s:.0f} s): "
                 "the run's state is unknown; its job is stopped if a Ray head answers again"))
@@ -118,23 +121,39 @@ class Reconciler:
             self.launcher.stop(sid)
         state = self.launcher.status(sid)
         if state is None:
-            transition(row, RunStatus.FAILED, error=f"Ray job {sid} is gone (was the cluster restarted?)")
-            self._close_mlflow(row, "FAILED")
-            return 1
+            return self._failed(row, f"Ray job {sid} is gone (was the cluster restarted?)", "node_lost")
         target = _FROM_RAY.get(state.status, RunStatus(row.status))
         if target == RunStatus.DISPATCHED or target == RunStatus(row.status):
             return 0
-        error = self._error_for(sid, state) if target == RunStatus.FAILED else None
+        if target == RunStatus.FAILED:
+            error = self._error_for(sid, state)
+            return self._failed(row, error, classify(state.message, error))
         if target == RunStatus.SUCCEEDED and row.status == RunStatus.DISPATCHED:
             transition(row, RunStatus.RUNNING)
-        transition(row, target, error=error)
-        if target == RunStatus.FAILED:
-            self._close_mlflow(row, "FAILED")
-        elif target == RunStatus.CANCELLED:
+        transition(row, target)
+        if target == RunStatus.CANCELLED:
             self._close_mlflow(row, "KILLED")
         elif target == RunStatus.SUCCEEDED:
             self._close_mlflow(row, "FINISHED")  # a command job's script does not close its run
         log.info("run %s -> %s", row.id, target)
+        return 1
+
+    def _failed(self, row: RunRow, error: str, kind: str) -> int:
+        """The attempt's job failed with ``kind``: the run's next attempt where its retry policy
+        says so (queued again; it resumes from the last checkpoint), else failed."""
+        row.failure_kind = kind
+        policy = row.experiment.resolved_spec.get("retry")
+        if policy and not row.cancel_requested and RetrySpec.model_validate(policy).retries(kind, row.attempt):
+            transition(row, RunStatus.QUEUED, error=f"attempt {row.attempt} failed ({kind}); attempt "
+                       f"{row.attempt + 1} resumes from the last checkpoint:\n{error}"[:8000])
+            row.attempt += 1
+            row.ray_submission_id = None
+            row.next_dispatch_at = None
+            log.info("run %s: attempt %d failed (%s); queued again", row.id, row.attempt - 1, kind)
+            return 1
+        transition(row, RunStatus.FAILED, error=error)
+        self._close_mlflow(row, "FAILED")
+        log.info("run %s -> failed (%s)", row.id, kind)
         return 1
 
     def _error_for(self, sid: str, state: JobState) -> str:

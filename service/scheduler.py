@@ -118,10 +118,12 @@ class Scheduler:
         spec = row.experiment.resolved_spec
         row.mlflow_run_id = self.tracker.ensure_run(run_id=row.id, experiment_id=row.experiment_id, spec=spec)
         self.tracker.put_spec(row.mlflow_run_id, spec, submitted=row.experiment.spec if spec.get("sweep") else None)
-        sid = submission_id_for(row.id)
+        if row.attempt > 1:  # a retry: the same MLflow run goes on (the failed attempt closed it)
+            self.tracker.reopen(row.mlflow_run_id)
+        sid = submission_id_for(row.id, row.attempt)
         env = job_env(run_id=row.id, experiment_id=row.experiment_id, mlflow_uri=self.tracker.uri,
                       mlflow_run_id=row.mlflow_run_id, storage_path=self.storage_path,
-                      mlflow_outage_limit_s=self.mlflow_outage_limit_s)
+                      mlflow_outage_limit_s=self.mlflow_outage_limit_s, attempt=row.attempt)
         code = spec.get("code") or {}
         working_dir = None
         if code.get("bundle"):

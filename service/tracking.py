@@ -67,6 +67,10 @@ class Tracker:
         if run.info.status in ("RUNNING", "SCHEDULED"):
             self.client.set_terminated(mlflow_run_id, status=status)
 
+    def reopen(self, mlflow_run_id: str) -> None:
+        """Mark the run running again (a retried attempt goes on logging to it)."""
+        self.client.update_run(mlflow_run_id, status="RUNNING")
+
     def delete_runs(self, mlflow_run_id: str) -> None:
         """Mark the run deleted in MLflow (recoverable there until its garbage collection), with
         its child runs (a sweep's trials)."""

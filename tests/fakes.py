@@ -73,5 +73,8 @@ class MemoryTracker:
     def delete_runs(self, mlflow_run_id: str) -> None:
         self.deleted.append(mlflow_run_id)
 
+    def reopen(self, mlflow_run_id: str) -> None:
+        self.closed.pop(mlflow_run_id, None)
+
     def ping(self) -> None:
         return None

@@ -62,5 +62,30 @@ def maybe_kill(faults: FaultsSpec, *, rank: int, step: int, restored: bool) -> N
         os._exit(17)
 
 
+SIMULATED = {  # what each kind looks like in a job's log (service.failures reads it back)
+    "oom": "torch.OutOfMemoryError: CUDA out of memory",
+    "nccl": "NCCL error: unhandled system error",
+    "node_lost": "NodeDiedError: the node running this worker died",
+    "preempted": "the node was preempted (drained)",
+    "user_error": "ValueError: the user's code raised",
+}
+
+
+class SimulatedFailure(RuntimeError):
+    """A failure injected by ``faults.fail_job``."""
+
+
+def maybe_fail_job(faults: FaultsSpec, *, rank: int, attempt: int) -> None:
+    """After a checkpoint: fail this attempt's job with ``faults.fail_job.kind`` on its first
+    ``attempts`` attempts (rank 0 raises; Ray Train ends the job)."""
+    fail = faults.fail_job
+    if fail is not None and rank == 0 and attempt <= fail.attempts:
+        from workers.settings import settings
+
+        time.sleep(settings().kill_grace_s)  # the checkpoint reaches Ray Train's controller first
+        log.warning("fault injection: failing attempt %d with %s", attempt, fail.kind)
+        raise SimulatedFailure(f"{SIMULATED[fail.kind]} (simulated by faults.fail_job on attempt {attempt})")
+
+
 def attack_generator(byz: ByzantineSpec | None, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(((byz.seed if byz else 0) + 1) * 1_000_003 + step)

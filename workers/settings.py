@@ -25,6 +25,7 @@ class WorkerSettings:
     # ORCHESTRA_RAY_LOST_EXIT_S: the job's driver exits once the Ray head's GCS port has refused it
     # for this long (the head is gone; workers.watchdog)
     ray_lost_exit_s: float = 30.0
+    attempt: int = 1  # ORCHESTRA_ATTEMPT: which attempt of the run this job is (a retry: 2, 3, ...)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -37,6 +38,7 @@ class WorkerSettings:
             kill_grace_s=float(env.get("ORCHESTRA_KILL_GRACE_S") or cls.kill_grace_s),
             mlflow_outage_limit_s=float(env.get("ORCHESTRA_MLFLOW_OUTAGE_LIMIT_S") or cls.mlflow_outage_limit_s),
             ray_lost_exit_s=float(env.get("ORCHESTRA_RAY_LOST_EXIT_S") or cls.ray_lost_exit_s),
+            attempt=int(env.get("ORCHESTRA_ATTEMPT") or cls.attempt),
         )
 
 

@@ -16,11 +16,11 @@ import torch
 from service.spec import ExperimentSpec
 from workers import checkpoint, peft_hooks
 from workers.cadence import Window
-from workers.faults import Straggler, maybe_kill
+from workers.faults import Straggler, maybe_fail_job, maybe_kill
 from workers.mlflow_log import RunLogger
 from workers.model_io import save_final_model
 from workers.plan import RunPlan
-from workers.settings import setup_logging
+from workers.settings import settings, setup_logging
 from workers.strategy import build_strategy
 from workers.strategy.base import Strategy
 from workers.tasks import build_task
@@ -96,6 +96,7 @@ def train_worker(config: dict[str, Any]) -> None:
         if cadence.checkpoint(done):
             logger.flush()
             strategy.save(step=done, metrics={"train/loss": float(loss), **last_eval})
+            maybe_fail_job(spec.faults, rank=rank, attempt=settings().attempt)
     final = strategy.final_model()
     if rank == 0:
         logger.metrics(task.evaluate(final, device, train.eval_batches), step=train.max_steps)

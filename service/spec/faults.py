@@ -55,7 +55,20 @@ class KillSpec(StrictModel):
     step: int = Field(ge=1)
 
 
+FailureKind = Literal["oom", "node_lost", "nccl", "preempted", "user_error"]
+FAILURE_KINDS: tuple[str, ...] = ("oom", "node_lost", "nccl", "preempted", "user_error")
+
+
+class FailJobSpec(StrictModel):
+    """The job fails with this kind of failure, after its first checkpoint, on its first
+    ``attempts`` attempts: what a retry policy is tested with."""
+
+    kind: FailureKind
+    attempts: int = Field(default=1, ge=1, le=100)
+
+
 class FaultsSpec(StrictModel):
     byzantine: ByzantineSpec | None = None
     stragglers: StragglerSpec | None = None
     kill: KillSpec | None = None
+    fail_job: FailJobSpec | None = None

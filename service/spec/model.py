@@ -13,6 +13,7 @@ from service.spec.derived import Derived, derive, exchange_layout, needs_robust_
 from service.spec.derived import zero_stage as requested_zero_stage
 from service.spec.distributed import DeepSpeedSpec, DistributedSpec
 from service.spec.faults import FaultsSpec
+from service.spec.retry import RetrySpec
 from service.spec.sweep import SweepSpec
 from service.spec.task import TaskSpec
 from service.spec.train import TrainSpec
@@ -39,6 +40,7 @@ class ExperimentSpec(StrictModel):
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     faults: FaultsSpec = Field(default_factory=FaultsSpec)
     sweep: SweepSpec | None = None
+    retry: RetrySpec | None = Field(default=None, description="start a failed job again, by kind of failure")
     code: CodeSpec | None = Field(default=None, description="the user's code shipped with the run (bundle) "
                                   "and the job's Python requirements")
 
@@ -70,6 +72,8 @@ class ExperimentSpec(StrictModel):
         faults = self.faults
         if faults.byzantine is not None or faults.stragglers is not None or faults.kill is not None:
             raise ValueError("faults.byzantine: simulated faults apply to training tasks, not to a command")
+        if faults.fail_job is not None:
+            raise ValueError("faults.fail_job: simulated job failures apply to training tasks, not to a command")
         if self.sweep is not None:
             for path in self.sweep.parameters:
                 if not path.startswith("task.params."):
@@ -86,6 +90,8 @@ class ExperimentSpec(StrictModel):
         for section in ("optimizer", "peft", "sweep"):
             if getattr(self, section) is not None:
                 raise ValueError(f"{section}.name: {section} does not apply to task.kind 'merge'")
+        if self.faults.fail_job is not None:
+            raise ValueError("faults.fail_job: simulated job failures apply to training tasks, not to a merge")
 
     # ---- training ----------------------------------------------------------------------------
 
@@ -196,6 +202,8 @@ class ExperimentSpec(StrictModel):
         assert self.train is not None
         if self.faults.kill is not None:
             raise ValueError("faults.kill: strategy parameter_server has no checkpoint restarts (use ddp)")
+        if self.faults.fail_job is not None:
+            raise ValueError("faults.fail_job: strategy parameter_server has no checkpoints to resume from (use ddp)")
         if self.train.precision == "fp16":
             raise ValueError("train.precision: fp16 needs a loss scaler, which strategy parameter_server does "
                              "not run; use bf16 or fp32")

@@ -123,3 +123,28 @@ def test_a_200_kb_spec_runs_and_stays_out_of_the_jobs_environment(api, stack) ->
     info = JobSubmissionClient(stack.ray_address).get_job_info(job.submission_id)
     shown = json.dumps({"env": info.runtime_env, "metadata": info.metadata, "entrypoint": info.entrypoint})
     assert "tag0001" not in shown and "vvvvvvvvvv" not in shown and len(shown) < 4000, shown[:500]
+
+
+def test_a_failed_attempt_is_retried_by_kind_and_resumes_from_its_checkpoint(api, stack) -> None:  # type: ignore[no-untyped-def]
+    """`faults.fail_job` fails the first attempt with an OOM after its checkpoint at step 20: with
+    `retry.on: [oom]` the second attempt resumes there and succeeds (the steps before the
+    checkpoint logged once); with `on: [node_lost]` the run fails with the kind after one attempt."""
+    client = httpx.Client(base_url=api.url, timeout=30)
+    ids = {}
+    for on in ("oom", "node_lost"):
+        spec = small_spec(f"retry-{on}", max_steps=40, eval_every=20, checkpoint_every=20)
+        spec["distributed"]["num_workers"] = 1
+        spec["faults"] = {"fail_job": {"kind": "oom", "attempts": 1}}
+        spec["retry"] = {"max_restarts": 1, "on": [on]}
+        ids[on] = client.post("/v1/experiments", json=spec).json()["id"]
+    retried = wait_for(client, ids["oom"], {"succeeded", "failed", "cancelled"}, timeout=300)
+    refused = wait_for(client, ids["node_lost"], {"succeeded", "failed", "cancelled"}, timeout=300)
+    run = retried["runs"][0]
+    assert (retried["status"], run["attempt"], run["failure_kind"]) == ("succeeded", 2, "oom"), run
+    assert run["ray_submission_id"] == f"orchestra-{run['id']}-2"
+    steps = [m.step for m in MlflowClient(stack.mlflow_uri).get_metric_history(run["mlflow_run_id"], "train/loss")]
+    assert sorted(s for s in steps if s <= 20) == [10, 20]  # before the checkpoint: once
+    assert max(steps) == 40
+    failed = refused["runs"][0]
+    assert (refused["status"], failed["attempt"], failed["failure_kind"]) == ("failed", 1, "oom"), failed
+    assert "CUDA out of memory" in failed["error"]
