@@ -21,7 +21,8 @@ _WHY = {
     401: "no valid bearer token (when ORCHESTRA_API_TOKENS or ORCHESTRA_USERS_FILE is set)",
     403: "the caller's role or ownership does not allow it (the rule is named)",
     404: "no such experiment or run",
-    409: "the Idempotency-Key was used with a different spec; a deletion of an unfinished experiment",
+    409: "the Idempotency-Key was used with a different spec; deleting an unfinished experiment; resuming "
+         "a run that has not failed or been cancelled",
     413: "the body, or the spec once YAML's aliases are expanded, is over the limit",
     422: "the spec or a parameter is invalid: every problem with its field",
     503: "a dependency (the database, Ray) does not answer; see Retry-After",

@@ -92,7 +92,7 @@ class AuditEntry(BaseModel):
     id: int
     at: Timestamp
     actor: str
-    action: str  # submit | cancel | delete
+    action: str  # submit | cancel | delete | resume
     target: str  # the experiment's id
     detail: str | None
 

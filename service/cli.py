@@ -323,6 +323,16 @@ def cancel(id: str, api: ApiOpt = None) -> None:
 
 
 @app.command()
+def resume(run_id: str, api: ApiOpt = None) -> None:
+    """Continue a failed or cancelled run from its last checkpoint, as its next attempt."""
+    try:
+        run = _client(api).resume(run_id)
+    except ApiError as exc:
+        _fail(str(exc), 2)
+    typer.echo(f"{run['id']}  attempt {run['attempt']}  {run['status']}")
+
+
+@app.command()
 def delete(id: str, api: ApiOpt = None) -> None:
     """Remove a finished experiment (and mark its MLflow runs deleted)."""
     try:

@@ -90,6 +90,10 @@ class Client:
                                   **{k: v for k, v in filters.items() if v is not None}}
         return self._json(self.http.get("/v1/experiments", params=params))  # type: ignore[no-any-return]
 
+    def resume(self, run_id: str) -> dict[str, Any]:
+        """Continue a failed or cancelled run from its last checkpoint (its next attempt)."""
+        return self._json(self.http.post(f"/v1/runs/{run_id}/resume"))  # type: ignore[no-any-return]
+
     def delete(self, experiment_id: str) -> None:
         """Remove a finished experiment and mark its MLflow runs deleted."""
         self._json(self.http.delete(f"/v1/experiments/{experiment_id}"))

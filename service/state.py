@@ -1,4 +1,5 @@
-"""The run's life as a state machine: one transition function, terminal states final."""
+"""The run's life as a state machine: one transition function, terminal states final (only an
+explicit ``resume`` starts a failed or cancelled run again, as its next attempt)."""
 
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -70,3 +71,22 @@ def experiment_status(statuses: list[str]) -> str:
         if status in s:
             return status.value
     return RunStatus.SUCCEEDED.value if s else RunStatus.QUEUED.value
+
+
+RESUMABLE = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
+
+
+def resume(run: RunRow, *, note: str) -> None:
+    """A failed or cancelled run queued again as its next attempt (a Ray job of its own, resuming
+    from the run's last checkpoint)."""
+    current = RunStatus(run.status)
+    if current not in RESUMABLE:
+        raise IllegalTransition(f"run {run.id} is {current}: only a failed or cancelled run resumes")
+    run.status = RunStatus.QUEUED.value
+    run.attempt += 1
+    run.cancel_requested = False
+    run.ray_submission_id = None
+    run.next_dispatch_at = None
+    run.dispatch_attempts = 0
+    run.finished_at = None
+    run.error = note

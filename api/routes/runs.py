@@ -5,14 +5,37 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.deps import AuthDep, RunId, SessionDep, StateDep
+from api.deps import AuthDep, RunId, SessionDep, StateDep, UserDep, require_manager
 from api.errors import ApiError
 from api.openapi import errors
 from api.schemas import RunLogs, RunPublic
+from service.repo import audit
 from service.repo import runs as runs_repo
+from service.state import IllegalTransition, resume
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/runs", tags=["runs"], dependencies=[AuthDep], responses=errors(401, 404, 422, 503))
+
+
+@router.post("/{run_id}/resume", status_code=202, response_model=RunPublic, responses=errors(403, 409))
+def resume_run(run_id: RunId, state: StateDep, session: SessionDep, user: UserDep) -> RunPublic:
+    """Continue a failed or cancelled run from its last checkpoint, as its next attempt (the same
+    MLflow run goes on). Members resume their own runs; admins any."""
+    row = runs_repo.get_run_row(session, run_id)
+    if row is None:
+        raise ApiError(404, "run_id", f"no run {run_id!r}")
+    require_manager(user, row.experiment.owner, f"run {run_id}")
+    try:
+        resume(row, note=f"resumed by {user.name} after attempt {row.attempt} ({row.status})")
+    except IllegalTransition as exc:
+        raise ApiError(409, "status", str(exc)) from None
+    audit.record(session, actor=user.name, action="resume", target=row.experiment_id, detail=f"run {run_id}")
+    session.commit()
+    if state.control is not None:
+        state.control.wake()
+    run = runs_repo.get_run(session, run_id)
+    assert run is not None
+    return RunPublic.of(run)
 
 
 @router.get("/{run_id}", response_model=RunPublic)

@@ -74,3 +74,35 @@ def test_mlflow_away_deletes_nothing(tmp_path: Path) -> None:
     r = client.delete(f"/v1/experiments/{exp['id']}")
     assert r.status_code == 503 and r.headers["Retry-After"] == "5"
     assert client.get(f"/v1/experiments/{exp['id']}").status_code == 200
+
+
+def test_resume_a_failed_run_as_its_next_attempt(tmp_path: Path) -> None:
+    users = tmp_path / "users.yaml"
+    users.write_text(yaml.safe_dump({"users": [{"name": n, "role": ROLES[n], "token": token_hash(t)}
+                                               for n, t in TOKENS.items()]}))
+    launcher, tracker = MemoryLauncher(), MemoryTracker()
+    client = make_client(f"sqlite:///{tmp_path / 'api.db'}", users_file=str(users), launcher=launcher,
+                         tracker=tracker)
+    state = client.app.state.orchestra  # type: ignore[attr-defined]
+    sched = Scheduler(state.sessions, launcher, tracker, max_concurrent=4, storage_path="/s")
+    rec = Reconciler(state.sessions, launcher, tracker)
+    exp = client.post("/v1/experiments", json=yaml.safe_load(QUICKSTART), headers=as_("alice")).json()
+    run_id = exp["runs"][0]["id"]
+    assert client.post(f"/v1/runs/{run_id}/resume", headers=as_("alice")).status_code == 409  # queued
+    sched.tick()
+    launcher.jobs[submission_id_for(run_id)] = JobState("FAILED", "exit code 1")
+    rec.tick()
+    assert client.get(f"/v1/runs/{run_id}", headers=as_("alice")).json()["status"] == "failed"
+
+    assert client.post(f"/v1/runs/{run_id}/resume", headers=as_("bob")).status_code == 403
+    resumed = client.post(f"/v1/runs/{run_id}/resume", headers=as_("alice"))
+    assert resumed.status_code == 202
+    assert (resumed.json()["status"], resumed.json()["attempt"]) == ("queued", 2)
+    assert sched.tick() == 1
+    assert submission_id_for(run_id, 2) in launcher.jobs and launcher.submits == 2
+    launcher.jobs[submission_id_for(run_id, 2)] = JobState("SUCCEEDED")
+    rec.tick()
+    assert client.get(f"/v1/experiments/{exp['id']}", headers=as_("alice")).json()["status"] == "succeeded"
+    assert client.post(f"/v1/runs/{run_id}/resume", headers=as_("ops")).status_code == 409  # succeeded: final
+    actions = [e["action"] for e in client.get("/v1/audit", headers=as_("ops")).json()["items"]]
+    assert actions == ["resume", "submit"]
