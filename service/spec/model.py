@@ -8,6 +8,7 @@ from algorithms._config import StrictModel
 from algorithms.merging.config import MergeConfig
 from algorithms.optimizers.config import OptimizerConfig
 from algorithms.peft.config import PeftConfig
+from service.spec.checkpoints import CheckpointsSpec
 from service.spec.code import CodeSpec
 from service.spec.derived import Derived, derive, exchange_layout, needs_robust_exchange, worker_resources
 from service.spec.derived import zero_stage as requested_zero_stage
@@ -41,6 +42,8 @@ class ExperimentSpec(StrictModel):
     faults: FaultsSpec = Field(default_factory=FaultsSpec)
     sweep: SweepSpec | None = None
     retry: RetrySpec | None = Field(default=None, description="start a failed job again, by kind of failure")
+    checkpoints: CheckpointsSpec | None = Field(default=None, description="retention of the run's checkpoints "
+                                                "(default: the 2 latest)")
     code: CodeSpec | None = Field(default=None, description="the user's code shipped with the run (bundle) "
                                   "and the job's Python requirements")
 
@@ -74,6 +77,8 @@ class ExperimentSpec(StrictModel):
             raise ValueError("faults.byzantine: simulated faults apply to training tasks, not to a command")
         if faults.fail_job is not None:
             raise ValueError("faults.fail_job: simulated job failures apply to training tasks, not to a command")
+        if self.checkpoints is not None:
+            raise ValueError("checkpoints.keep_latest: a command's checkpoints are its own (no checkpoints section)")
         if self.sweep is not None:
             for path in self.sweep.parameters:
                 if not path.startswith("task.params."):
@@ -92,6 +97,8 @@ class ExperimentSpec(StrictModel):
                 raise ValueError(f"{section}.name: {section} does not apply to task.kind 'merge'")
         if self.faults.fail_job is not None:
             raise ValueError("faults.fail_job: simulated job failures apply to training tasks, not to a merge")
+        if self.checkpoints is not None:
+            raise ValueError("checkpoints.keep_latest: a merge makes no checkpoints")
 
     # ---- training ----------------------------------------------------------------------------
 
@@ -104,6 +111,7 @@ class ExperimentSpec(StrictModel):
             raise ValueError(f"optimizer.name: optimizer is required for task.kind {self.task.kind!r}")
         train, dist = self.train, self.distributed
         n = dist.num_workers
+        self._check_checkpoints()
         if train.precision == "fp16" and not dist.use_gpu:
             raise ValueError("train.precision: fp16 needs distributed.use_gpu (use bf16 or fp32 on CPU)")
         if train.batch_size < n * train.grad_accum:
@@ -197,6 +205,23 @@ class ExperimentSpec(StrictModel):
                 )
         if dist.strategy == "parameter_server":
             self._check_parameter_server()
+
+    def _check_checkpoints(self) -> None:
+        ckpt, train = self.checkpoints, self.train
+        if ckpt is None or train is None:
+            return
+        if ckpt.keep_best and ckpt.keep_latest not in (None, 1):
+            raise ValueError("checkpoints.keep_latest: with keep_best, the latest checkpoint is kept besides the "
+                             "best ones (keep_latest must be 1 or left out)")
+        if self.distributed.strategy == "parameter_server":
+            raise ValueError("checkpoints.keep_latest: strategy parameter_server makes no checkpoints (use ddp)")
+        if ckpt.keep_best and ckpt.metric.startswith("eval/"):
+            every_eval = train.eval_every or train.max_steps
+            every_ckpt = train.checkpoint_every or train.max_steps
+            if every_ckpt % every_eval and every_ckpt != train.max_steps:
+                raise ValueError(f"checkpoints.metric: {ckpt.metric} ranks checkpoints only if each comes with an "
+                                 f"evaluation: train.checkpoint_every ({every_ckpt}) must be a multiple of "
+                                 f"train.eval_every ({every_eval})")
 
     def _check_parameter_server(self) -> None:
         assert self.train is not None

@@ -5,7 +5,6 @@ from typing import Literal
 from pydantic import Field
 
 from algorithms._config import StrictModel
-from service.spec.faults import FailureKind
 
 
 class RetrySpec(StrictModel):
@@ -14,7 +13,8 @@ class RetrySpec(StrictModel):
     Ray's job state and the log's tail (``service.failures``)."""
 
     max_restarts: int = Field(default=1, ge=0, le=100)
-    on: list[FailureKind | Literal["any"]] = Field(default=["node_lost", "preempted", "nccl"], min_length=1)
+    on: list[Literal["oom", "node_lost", "nccl", "preempted", "user_error", "any"]] = Field(
+        default=["node_lost", "preempted", "nccl"], min_length=1)
 
     def retries(self, kind: str, attempt: int) -> bool:
         """Whether a failure of ``kind`` on ``attempt`` (1 = the first) starts another attempt."""

@@ -148,3 +148,36 @@ def test_a_failed_attempt_is_retried_by_kind_and_resumes_from_its_checkpoint(api
     failed = refused["runs"][0]
     assert (refused["status"], failed["attempt"], failed["failure_kind"]) == ("failed", 1, "oom"), failed
     assert "CUDA out of memory" in failed["error"]
+
+
+def test_checkpoint_retention_and_the_best_registered_in_mlflow(api, stack) -> None:  # type: ignore[no-untyped-def]
+    """`keep_latest: 2` leaves two checkpoints on disk; `keep_best: 1` by eval/accuracy keeps the
+    best and the latest, and both are uploaded to the MLflow run with their step and metric."""
+    from pathlib import Path
+
+    client = httpx.Client(base_url=api.url, timeout=30)
+    specs = {"latest": {"keep_latest": 2}, "best": {"keep_best": 1, "metric": "eval/accuracy", "mode": "max"}}
+    ids = {}
+    for name, checkpoints in specs.items():
+        spec = small_spec(f"ckpt-{name}", max_steps=50, eval_every=10, checkpoint_every=10)
+        spec["distributed"]["num_workers"] = 1
+        spec["checkpoints"] = checkpoints
+        ids[name] = client.post("/v1/experiments", json=spec).json()["id"]
+    done = {name: wait_for(client, i, {"succeeded", "failed", "cancelled"}) for name, i in ids.items()}
+    assert {name: e["status"] for name, e in done.items()} == {"latest": "succeeded", "best": "succeeded"}, done
+    storage = Path(api.env["ORCHESTRA_STORAGE_PATH"])
+    folder = storage / f"orchestra-{done['latest']['runs'][0]['id']}"
+    kept = sorted(p for p in folder.glob("checkpoint_*") if p.is_dir())  # not the manager's snapshot file
+    assert len(kept) == 2, kept
+
+    mlflow = MlflowClient(stack.mlflow_uri)
+    run = mlflow.get_run(done["best"]["runs"][0]["mlflow_run_id"])
+    tags = run.data.tags
+    assert tags["checkpoint.last.step"] == "50" and tags["checkpoint.last.path"] == "checkpoints/last"
+    accuracy = {m.step: m.value for m in mlflow.get_metric_history(run.info.run_id, "eval/accuracy")}
+    best_step = int(tags["checkpoint.best.step"])
+    assert accuracy[best_step] == max(v for s, v in accuracy.items() if s % 10 == 0)
+    assert float(tags["checkpoint.best.eval/accuracy"]) == accuracy[best_step]
+    for name in ("best", "last"):
+        files = [a.path for a in mlflow.list_artifacts(run.info.run_id, f"checkpoints/{name}")]
+        assert files, name
