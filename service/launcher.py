@@ -35,6 +35,7 @@ class Launcher(Protocol):
     def logs(self, submission_id: str) -> str: ...
     def ping(self) -> None: ...
     def dashboard_url(self) -> str: ...
+    def nodes(self) -> list[dict[str, float]]: ...
 
 
 def worker_entrypoint(run_id: str, python: str = "") -> str:
@@ -147,6 +148,13 @@ class RayJobLauncher:
 
     def ping(self) -> None:
         self._call("list_jobs")
+
+    def nodes(self) -> list[dict[str, float]]:
+        """Each alive node's resources (Ray's totals), from the dashboard's state API."""
+        from ray.util.state import list_nodes
+
+        alive = list_nodes(address=self.address, filters=[("state", "=", "ALIVE")], limit=10_000, timeout=10)
+        return [{k: float(v) for k, v in (node.resources_total or {}).items()} for node in alive]
 
     def dashboard_url(self) -> str:
         return self.address

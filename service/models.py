@@ -85,6 +85,8 @@ class RunRow(Base):
     waiting: Mapped[str | None] = mapped_column(String(200), nullable=True)  # why a queued run is not dispatched
     attempt: Mapped[int] = mapped_column(Integer, default=1)  # 1, then one more per retry (its own Ray job)
     failure_kind: Mapped[str | None] = mapped_column(String(16), nullable=True)  # service.failures
+    # what the job claims from the cluster: {"bundle": {resource: amount}, "count": n} (derived.demand)
+    demand: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     next_dispatch_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)

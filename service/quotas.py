@@ -1,4 +1,4 @@
-"""Quotas and the fair order of the queue.
+"""Quotas, the cluster's free resources and the fair order of the queue.
 
 Each user and each project may hold at most so many active runs and so many GPUs (settings; a
 user's own limits in the users file override the user defaults). At equal priority the queue is
@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import groupby
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class Candidate:
     gpus: float
     priority: int
     created_at: datetime
+    demand: dict[str, Any] | None = None  # {"bundle": {resource: amount}, "count": n}
 
 
 @dataclass
@@ -36,11 +38,45 @@ class Usage:
     runs: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     gpus: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
     last_served: dict[str, datetime] = field(default_factory=dict)  # a user's latest dispatch
+    held: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # cluster resources claimed
 
-    def add(self, owner: str, project: str, gpus: float) -> None:
+    def add(self, owner: str, project: str, gpus: float, demand: dict[str, Any] | None = None) -> None:
         for key in (("user", owner), ("project", project)):
             self.runs[key] += 1
             self.gpus[key] += gpus
+        for resource, amount in _claim(demand).items():
+            self.held[resource] += amount
+
+
+def _claim(demand: dict[str, Any] | None) -> dict[str, float]:
+    if not demand:
+        return {}
+    return {k: float(v) * int(demand.get("count", 0)) for k, v in (demand.get("bundle") or {}).items()}
+
+
+def _describe(resources: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items()))
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Each alive node's resources (Ray's totals), as the launcher reports them."""
+
+    nodes: tuple[dict[str, float], ...]
+
+    def blocked(self, c: Candidate, usage: Usage) -> str | None:
+        """Why the cluster cannot take ``c`` now, or None."""
+        if not c.demand or not c.demand.get("count"):
+            return None
+        bundle = {k: float(v) for k, v in (c.demand.get("bundle") or {}).items() if v}
+        if bundle and not any(all(node.get(k, 0.0) >= v for k, v in bundle.items()) for node in self.nodes):
+            return f"waiting for a node with {_describe(bundle)} (no node has it)"
+        for resource, needed in sorted(_claim(c.demand).items(), key=lambda kv: kv[0] != "GPU"):
+            total = sum(node.get(resource, 0.0) for node in self.nodes)
+            free = total - usage.held[resource]
+            if needed > free + 1e-9:
+                return f"waiting for {needed:g} {resource} ({max(free, 0.0):g} of {total:g} free)"
+        return None
 
 
 @dataclass(frozen=True)
@@ -99,19 +135,19 @@ def _served(usage: Usage, owner: str) -> tuple[int, float]:
 
 
 def select(order: list[Candidate], usage: Usage, quotas: Quotas, free: int,
-           limit_reason: str) -> tuple[list[Candidate], dict[str, str]]:
-    """The runs to dispatch now (at most ``free``, within the quotas, counting each other) and the
-    reason each other run waits."""
+           limit_reason: str, cluster: Cluster | None = None) -> tuple[list[Candidate], dict[str, str]]:
+    """The runs to dispatch now (at most ``free``, within the quotas and what the cluster has left,
+    counting each other) and the reason each other run waits."""
     chosen: list[Candidate] = []
     waiting: dict[str, str] = {}
     for c in order:
         if len(chosen) >= free:
             waiting[c.run_id] = limit_reason
             continue
-        reason = quotas.blocked(c, usage)
+        reason = quotas.blocked(c, usage) or (cluster.blocked(c, usage) if cluster is not None else None)
         if reason is not None:
             waiting[c.run_id] = reason
             continue
         chosen.append(c)
-        usage.add(c.owner, c.project, c.gpus)
+        usage.add(c.owner, c.project, c.gpus, c.demand)
     return chosen, waiting

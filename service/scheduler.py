@@ -60,6 +60,11 @@ class Scheduler:
             return self._pass() if held else 0
 
     def _pass(self) -> int:
+        try:
+            cluster = quotas.Cluster(tuple(self.launcher.nodes()))
+        except Exception as exc:  # Ray away: nothing can be dispatched (the pass below would defer anyway)
+            log.warning("dispatch deferred: Ray's nodes unknown (%s: %s)", type(exc).__name__, str(exc)[:200])
+            cluster = None
         with self.sessions() as session:
             for row in runs_repo.cancel_requested_queued(session):
                 transition(row, RunStatus.CANCELLED, error="cancelled before dispatch")
@@ -68,9 +73,11 @@ class Scheduler:
             now = datetime.now(UTC)
             queued = runs_repo.queued_candidates(session, due_before=now)
             usage = runs_repo.usage(session, served_since=now - SERVED_MEMORY)
-            chosen, waiting = quotas.select(quotas.fair_order(queued, usage), usage, self.quotas, free,
+            chosen, waiting = quotas.select(quotas.fair_order(queued, usage), usage, self.quotas,
+                                            free if cluster is not None else 0,
                                             f"concurrency limit: {self.max_concurrent} run"
-                                            f"{'s' if self.max_concurrent != 1 else ''} active")
+                                            f"{'s' if self.max_concurrent != 1 else ''} active"
+                                            if cluster is not None else "waiting for Ray to answer", cluster)
             runs_repo.set_waiting(session, {**waiting, **{c.run_id: None for c in chosen}})
             session.commit()
         ids = [c.run_id for c in chosen]

@@ -14,6 +14,7 @@ class MemoryLauncher:
     fail_submit: bool = False  # Ray does not answer at all (every call raises ConnectionError)
     refuse: set[str] = field(default_factory=set)  # submission ids Ray refuses (while it answers)
     calls: dict[str, dict] = field(default_factory=dict)  # type: ignore[type-arg]  # the last submit's arguments
+    cluster: list[dict[str, float]] = field(default_factory=lambda: [{"CPU": 1e6, "GPU": 1e6, "memory": 1e18}])
 
     def submit(self, *, submission_id: str, entrypoint: str, env: dict[str, str],
                num_cpus: float = 0, num_gpus: float = 0, working_dir: str | None = None,
@@ -51,6 +52,11 @@ class MemoryLauncher:
 
     def dashboard_url(self) -> str:
         return "http://ray.invalid:8265"
+
+    def nodes(self) -> list[dict[str, float]]:
+        if self.fail_submit:
+            raise ConnectionError("ray down")
+        return [dict(n) for n in self.cluster]
 
 
 @dataclass

@@ -18,7 +18,7 @@ from service.repo import audit
 from service.repo import experiments as exp_repo
 from service.repo import runs as runs_repo
 from service.spec import ExperimentSpec
-from service.spec.derived import gpus_held
+from service.spec.derived import demand, gpus_held
 from service.spec.model import PROJECT_PATTERN
 from service.spec.parse import SpecError, load_document, validate_document
 from service.state import TERMINAL, RunStatus
@@ -60,7 +60,7 @@ async def submit_experiment(
     def store() -> tuple[Experiment, bool]:  # blocking database work: off the event loop
         exp, created = exp_repo.create_experiment(session, spec=raw, resolved=spec.resolved(),
                                                   idempotency_key=idempotency_key, owner=user.name,
-                                                  gpus=gpus_held(spec))
+                                                  gpus=gpus_held(spec), demand=demand(spec))
         if created:
             audit.record(session, actor=user.name, action="submit", target=exp.id,
                          detail=f"{exp.project}/{exp.name}")

@@ -19,7 +19,7 @@ def new_id() -> str:
 
 def create_experiment(
     session: Session, *, spec: dict[str, Any], resolved: dict[str, Any], idempotency_key: str | None = None,
-    owner: str = "anonymous", gpus: float = 0.0,
+    owner: str = "anonymous", gpus: float = 0.0, demand: dict[str, Any] | None = None,
 ) -> tuple[Experiment, bool]:
     """Store an experiment, its tags and its run as ``queued``. Returns (experiment, created)."""
     if idempotency_key is not None:
@@ -33,7 +33,8 @@ def create_experiment(
     )
     row.tags = [TagRow(key=k, value=v) for k, v in (resolved.get("tags") or {}).items()]
     # One run per experiment: a sweep is one run whose job drives Ray Tune (a child run per trial).
-    row.runs.append(RunRow(id=new_id(), index=0, status="queued", priority=row.priority, gpus=gpus))
+    row.runs.append(RunRow(id=new_id(), index=0, status="queued", priority=row.priority, gpus=gpus,
+                           demand=demand))
     session.add(row)
     try:
         session.flush()

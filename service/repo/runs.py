@@ -67,7 +67,7 @@ def request_cancel(session: Session, experiment_id: str) -> int:
 def queued_candidates(session: Session, *, due_before: datetime, limit: int = 5000) -> list[Candidate]:
     """The queued runs due for dispatch, with what the quotas and the fair order read (no JSON)."""
     query = (select(RunRow.id, ExperimentRow.owner, ExperimentRow.project, RunRow.gpus, RunRow.priority,
-                    RunRow.created_at)
+                    RunRow.created_at, RunRow.demand)
              .join(ExperimentRow, RunRow.experiment_id == ExperimentRow.id)
              .where(RunRow.status == RunStatus.QUEUED.value, RunRow.cancel_requested.is_(False),
                     or_(RunRow.next_dispatch_at.is_(None), RunRow.next_dispatch_at <= due_before))
@@ -76,14 +76,15 @@ def queued_candidates(session: Session, *, due_before: datetime, limit: int = 50
 
 
 def usage(session: Session, *, served_since: datetime) -> Usage:
-    """Active runs and their GPUs per user and per project, and each user's latest dispatch since
+    """Active runs and their GPUs per user and per project, what they claim from the cluster, and
+    each user's latest dispatch since
     ``served_since`` (the fair order's memory)."""
     out = Usage()
-    active = (select(ExperimentRow.owner, ExperimentRow.project, RunRow.gpus)
+    active = (select(ExperimentRow.owner, ExperimentRow.project, RunRow.gpus, RunRow.demand)
               .join(ExperimentRow, RunRow.experiment_id == ExperimentRow.id)
               .where(RunRow.status.in_([s.value for s in ACTIVE])))
-    for owner, project, gpus in session.execute(active):
-        out.add(owner, project, gpus)
+    for owner, project, gpus, claim in session.execute(active):
+        out.add(owner, project, gpus, claim)
     served = (select(ExperimentRow.owner, func.max(RunRow.dispatched_at))
               .join(ExperimentRow, RunRow.experiment_id == ExperimentRow.id)
               .where(RunRow.dispatched_at >= served_since).group_by(ExperimentRow.owner))

@@ -6,7 +6,7 @@ values for a resolved spec and for the spec it was resolved from.
 """
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from service.spec.distributed import DistributedSpec
@@ -26,30 +26,45 @@ class Derived:
     zero_stage: int | None  # the ZeRO stage asked for; None unless strategy is deepspeed
 
 
+POOL_SHARE = 0.001  # what each worker claims of its pool's resource: a marker, not a limit
+
+
 def worker_resources(dist: "DistributedSpec") -> dict[str, float]:
-    """The spec's resources per worker, or one CPU (and one GPU with ``use_gpu``)."""
-    if dist.resources_per_worker:
-        return dict(dist.resources_per_worker)
-    return {"CPU": 1.0, **({"GPU": 1.0} if dist.use_gpu else {})}
+    """The spec's resources per worker, or one CPU (and one GPU with ``use_gpu``); a share of the
+    pool's resource where the spec names one (Ray places the worker on a node that carries it)."""
+    base = dict(dist.resources_per_worker) if dist.resources_per_worker else \
+        {"CPU": 1.0, **({"GPU": 1.0} if dist.use_gpu else {})}
+    if dist.pool is not None:
+        base[dist.pool] = POOL_SHARE
+    return base
+
+
+def demand(spec: "ExperimentSpec") -> dict[str, Any]:
+    """What the run's job claims from the cluster while it runs: ``count`` bundles of ``bundle``
+    (each a worker: one node must hold it whole). A sweep's trials at once count each (its
+    ``max_concurrent_trials``, else every grid point of every sample); a command claims its own
+    resources once; a merge runs in the job's driver, which claims nothing."""
+    if spec.task.kind == "merge":
+        return {"bundle": {}, "count": 0}
+    if spec.task.kind == "command":
+        return {"bundle": dict(spec.distributed.resources_per_worker or {}), "count": 1}
+    count = spec.distributed.num_workers
+    sweep = spec.sweep
+    if sweep is not None:
+        at_once = sweep.max_concurrent_trials
+        if at_once is None:
+            at_once = sweep.num_samples
+            for dist in sweep.parameters.values():
+                kind, values = next(iter(dist.items()))
+                at_once *= len(values) if kind == "grid" else 1
+        count *= at_once
+    return {"bundle": worker_resources(spec.distributed), "count": count}
 
 
 def gpus_held(spec: "ExperimentSpec") -> float:
-    """The GPUs the spec's run holds while it is active, what the GPU quotas count: its workers'
-    (a command's own request); a sweep's trials at once (``max_concurrent_trials``, else every
-    grid point of every sample)."""
-    per_trial = spec.distributed.num_workers * worker_resources(spec.distributed).get("GPU", 0.0)
-    if spec.task.kind == "merge":
-        per_trial = 0.0
-    sweep = spec.sweep
-    if sweep is None:
-        return per_trial
-    at_once = sweep.max_concurrent_trials
-    if at_once is None:
-        at_once = sweep.num_samples
-        for dist in sweep.parameters.values():
-            kind, values = next(iter(dist.items()))
-            at_once *= len(values) if kind == "grid" else 1
-    return per_trial * at_once
+    """The GPUs the run holds while it is active, what the GPU quotas count."""
+    need = demand(spec)
+    return float(need["bundle"].get("GPU", 0.0)) * int(need["count"])
 
 
 def needs_robust_exchange(spec: "ExperimentSpec") -> bool:

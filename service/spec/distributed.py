@@ -24,6 +24,9 @@ class DistributedSpec(StrictModel):
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = Field(
         default=None, description="Ray resources each worker claims; default one CPU (and one GPU with use_gpu)")
+    pool: str | None = Field(default=None, pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$",
+                             description="a Ray resource the pool's nodes carry (ray start --resources "
+                             "'{\"<pool>\": 1000}'): the workers go only there")
     strategy: Literal["ddp", "deepspeed", "parameter_server"] = "ddp"
     deepspeed: DeepSpeedSpec | None = None
     aggregator: AggregatorConfig | None = None

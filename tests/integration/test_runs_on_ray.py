@@ -181,3 +181,31 @@ def test_checkpoint_retention_and_the_best_registered_in_mlflow(api, stack) -> N
     for name in ("best", "last"):
         files = [a.path for a in mlflow.list_artifacts(run.info.run_id, f"checkpoints/{name}")]
         assert files, name
+
+
+def test_a_run_asking_for_gpus_the_cluster_lacks_stays_queued(api, stack) -> None:  # type: ignore[no-untyped-def]
+    """The stack's Ray head has 4 CPUs and no GPU: a GPU run is never sent to Ray, and says why."""
+    import time
+
+    from ray.job_submission import JobSubmissionClient
+
+    from service.launcher import RayJobLauncher, submission_id_for
+
+    assert [n.get("CPU") for n in RayJobLauncher(stack.ray_address).nodes()] == [4.0]
+    client = httpx.Client(base_url=api.url, timeout=30)
+    spec = small_spec("wants-gpus")
+    spec["distributed"].update(use_gpu=True, num_workers=2)
+    exp = client.post("/v1/experiments", json=spec).json()
+    run: dict = {}  # type: ignore[type-arg]
+    for _ in range(40):  # the scheduler ticks every 0.5 s here
+        run = client.get(f"/v1/experiments/{exp['id']}").json()["runs"][0]
+        if run["waiting"]:
+            break
+        time.sleep(0.25)
+    assert run["status"] == "queued", run
+    assert run["waiting"] == "waiting for a node with 1 CPU, 1 GPU (no node has it)", run
+    time.sleep(2)  # a few more ticks: still nothing sent to Ray
+    assert client.get(f"/v1/runs/{run['id']}").json()["status"] == "queued"
+    jobs = {j.submission_id for j in JobSubmissionClient(stack.ray_address).list_jobs()}
+    assert submission_id_for(run["id"]) not in jobs
+    client.post(f"/v1/experiments/{exp['id']}/cancel")

@@ -36,10 +36,11 @@ def submit(sessions, owner: str, project: str = "default", gpus: int = 0) -> str
     if gpus:
         doc["distributed"].update(use_gpu=True, num_workers=gpus)
     spec = parse_spec(json.dumps(doc))
-    from service.spec.derived import gpus_held
+    from service.spec.derived import demand, gpus_held
 
     with sessions() as s:
-        exp, _ = exp_repo.create_experiment(s, spec=doc, resolved=spec.resolved(), owner=owner, gpus=gpus_held(spec))
+        exp, _ = exp_repo.create_experiment(s, spec=doc, resolved=spec.resolved(), owner=owner, gpus=gpus_held(spec),
+                                            demand=demand(spec))
         s.commit()
     time.sleep(0.002)  # distinct creation times: FIFO is by creation
     return exp.runs[0].id
@@ -120,3 +121,36 @@ def test_fair_order_is_least_served_first() -> None:
     assert [c.run_id for c in fair_order(cands, usage)] == ["c1", "b1", "a1", "a2", "a3"]
     usage = Usage(last_served={"bob": t[4], "alice": t[0]})  # alice served longer ago: first
     assert [c.run_id for c in fair_order(cands, usage)] == ["c1", "a1", "b1", "a2", "a3"]
+
+
+def test_a_run_the_cluster_cannot_hold_stays_queued_with_the_reason(sessions) -> None:  # type: ignore[no-untyped-def]
+    """Two CPU-only nodes: a GPU run never goes to Ray; CPU runs go while the CPUs last."""
+    sched, rec, launcher = parts(sessions)
+    launcher.cluster = [{"CPU": 4.0, "memory": 8e9}, {"CPU": 2.0, "memory": 8e9}]
+    gpu = submit(sessions, "erin", gpus=4)
+    wide = [submit(sessions, "frank") for _ in range(4)]  # 2 workers x 1 CPU each
+    assert sched.tick() == 3  # 6 CPUs: three runs of two
+    assert run(sessions, gpu).status == "queued" and launcher.submits == 3
+    assert run(sessions, gpu).waiting == "waiting for a node with 1 CPU, 1 GPU (no node has it)"
+    assert run(sessions, wide[3]).waiting == "waiting for 2 CPU (0 of 6 free)"
+    finish(launcher, rec, wide[0])
+    assert sched.tick() == 1 and run(sessions, wide[3]).status == "dispatched"
+    assert run(sessions, gpu).status == "queued"
+
+
+def test_a_pool_is_a_resource_its_nodes_carry(sessions) -> None:  # type: ignore[no-untyped-def]
+    sched, _, launcher = parts(sessions)
+    launcher.cluster = [{"CPU": 8.0}]
+    doc = yaml.safe_load(QUICKSTART)
+    doc["distributed"]["pool"] = "a100"
+    spec = parse_spec(json.dumps(doc))
+    from service.spec.derived import demand, worker_resources
+
+    assert worker_resources(spec.distributed) == {"CPU": 1.0, "a100": 0.001}
+    with sessions() as s:
+        exp, _ = exp_repo.create_experiment(s, spec=doc, resolved=spec.resolved(), demand=demand(spec))
+        s.commit()
+    assert sched.tick() == 0
+    assert run(sessions, exp.runs[0].id).waiting == "waiting for a node with 1 CPU, 0.001 a100 (no node has it)"
+    launcher.cluster = [{"CPU": 8.0}, {"CPU": 8.0, "a100": 1000.0}]
+    assert sched.tick() == 1

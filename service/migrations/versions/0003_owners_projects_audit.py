@@ -1,5 +1,5 @@
 """owners, projects and tags of experiments (indexed for search), the audit log, each run's GPUs
-and why it waits (quotas), its attempt and the kind of its last failure (retries)
+and why it waits (quotas), its attempt and the kind of its last failure (retries), what it claims from the cluster
 
 Revision ID: 0003
 Revises: 0002
@@ -23,6 +23,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("waiting", sa.String(200), nullable=True))
         batch_op.add_column(sa.Column("attempt", sa.Integer(), nullable=False, server_default="1"))
         batch_op.add_column(sa.Column("failure_kind", sa.String(16), nullable=True))
+        batch_op.add_column(sa.Column("demand", sa.JSON(), nullable=True))
     op.create_index("ix_runs_dispatched_at", "runs", ["dispatched_at"])  # the fair order's recent dispatches
     op.create_index("ix_experiments_created", "experiments", ["created_at", "id"])
     op.create_index("ix_experiments_project_created", "experiments", ["project", "created_at", "id"])
@@ -57,6 +58,7 @@ def downgrade() -> None:
     op.drop_index("ix_experiments_created", table_name="experiments")
     op.drop_index("ix_runs_dispatched_at", table_name="runs")
     with op.batch_alter_table("runs", schema=None) as batch_op:
+        batch_op.drop_column("demand")
         batch_op.drop_column("failure_kind")
         batch_op.drop_column("attempt")
         batch_op.drop_column("waiting")
