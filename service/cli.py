@@ -157,8 +157,20 @@ def up(
 # ---- the client -------------------------------------------------------------------------------
 
 
+def _run_line(run: dict[str, Any]) -> str:
+    """``id:status``, with the attempt after a retry, the last failure's kind, why it waits."""
+    text = f"{run['id'][:8]}:{run['status']}"
+    if run.get("attempt", 1) > 1:
+        text += f" (attempt {run['attempt']})"
+    if run.get("failure_kind"):
+        text += f" [last failure: {run['failure_kind']}]"
+    if run.get("waiting") and run["status"] == "queued":
+        text += f" [{run['waiting']}]"
+    return text
+
+
 def _print_status(exp: dict[str, Any]) -> None:
-    runs = ", ".join(f"{r['id'][:8]}:{r['status']}" for r in exp["runs"])
+    runs = ", ".join(_run_line(r) for r in exp["runs"])
     typer.echo(f"{exp['id']}  {exp['name']:<28} {exp['status']:<10} runs: {runs}")
 
 

@@ -77,7 +77,9 @@ def test_submit_wait_prints_mlflow_url_and_final_metrics(up: Up, tmp_path: Path)
 
     listed = _orchestra("list", api=up.api)
     assert "quickstart-digits" in listed.stdout and "succeeded" in listed.stdout
-    exp_id = listed.stdout.split()[0]
+    header, first = listed.stdout.splitlines()[:2]
+    assert header.split()[:3] == ["ID", "PROJECT", "NAME"]
+    exp_id = first.split()[0]
     status = _orchestra("status", exp_id, api=up.api)
     assert status.returncode == 0 and "succeeded" in status.stdout
     logs = _orchestra("logs", exp_id, api=up.api)
