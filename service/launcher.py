@@ -81,9 +81,6 @@ class RayJobLauncher:
     def __init__(self, address: str) -> None:
         self.address = address
         self._client: Any = None
-        # Ray's client modules load here, with the API, not on the first dispatch: an import of
-        # that size in the control loop's thread stalls every request the process is serving.
-        import ray.job_submission  # noqa: F401
 
     def _c(self) -> Any:
         if self._client is None:

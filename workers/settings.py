@@ -15,10 +15,11 @@ class WorkerSettings:
     mlflow_run_id: str = ""  # ORCHESTRA_MLFLOW_RUN_ID: the run's MLflow run, created by the control plane
     storage_path: str = "~/.orchestra/ray_results"  # ORCHESTRA_STORAGE_PATH: Ray Train's checkpoints
     ray_address: str = "auto"  # RAY_ADDRESS: the cluster a sweep's driver joins
-    # ORCHESTRA_KILL_GRACE_S: seconds faults.kill waits before the crash. Ray Train's controller
-    # collects reported checkpoints when it polls the workers (every 2 s by default); two polls
-    # make the fault "a crash after the last checkpoint".
-    kill_grace_s: float = 5.0
+    # ORCHESTRA_KILL_GRACE_S: seconds faults.kill (and faults.fail_job) wait before the crash. Ray
+    # Train's controller collects reported checkpoints when it polls the workers (every 0.5 s in
+    # Orchestra's jobs, service.launcher.job_env); four polls make the fault "a crash after the last
+    # checkpoint".
+    kill_grace_s: float = 2.0
     # ORCHESTRA_MLFLOW_OUTAGE_LIMIT_S: how long rank 0 trains on while MLflow does not answer
     # (metrics held, spilled to disk) before the run fails with the reason
     mlflow_outage_limit_s: float = 900.0

@@ -57,7 +57,7 @@ def test_two_api_processes_dispatch_each_run_once_within_one_limit(stack, postgr
         client = httpx.Client(base_url=api.url, timeout=30)
         ids = []
         for i in range(RUNS):
-            spec = small_spec(f"replica-{i}", max_steps=20, eval_every=10)
+            spec = small_spec(f"replica-{i}", max_steps=10, eval_every=10)
             spec["distributed"]["num_workers"] = 1
             ids.append(client.post("/v1/experiments", json=spec).json()["id"])
         finals = [wait_for(client, i, {"succeeded", "failed", "cancelled"}, timeout=400) for i in ids]

@@ -128,26 +128,21 @@ def test_a_200_kb_spec_runs_and_stays_out_of_the_jobs_environment(api, stack) ->
 def test_a_failed_attempt_is_retried_by_kind_and_resumes_from_its_checkpoint(api, stack) -> None:  # type: ignore[no-untyped-def]
     """`faults.fail_job` fails the first attempt with an OOM after its checkpoint at step 20: with
     `retry.on: [oom]` the second attempt resumes there and succeeds (the steps before the
-    checkpoint logged once); with `on: [node_lost]` the run fails with the kind after one attempt."""
+    checkpoint logged once)."""
     client = httpx.Client(base_url=api.url, timeout=30)
-    ids = {}
-    for on in ("oom", "node_lost"):
-        spec = small_spec(f"retry-{on}", max_steps=40, eval_every=20, checkpoint_every=20)
-        spec["distributed"]["num_workers"] = 1
-        spec["faults"] = {"fail_job": {"kind": "oom", "attempts": 1}}
-        spec["retry"] = {"max_restarts": 1, "on": [on]}
-        ids[on] = client.post("/v1/experiments", json=spec).json()["id"]
-    retried = wait_for(client, ids["oom"], {"succeeded", "failed", "cancelled"}, timeout=300)
-    refused = wait_for(client, ids["node_lost"], {"succeeded", "failed", "cancelled"}, timeout=300)
+    spec = small_spec("retry-oom", max_steps=40, eval_every=20, checkpoint_every=20)
+    spec["distributed"]["num_workers"] = 1
+    spec["faults"] = {"fail_job": {"kind": "oom", "attempts": 1}}
+    spec["retry"] = {"max_restarts": 1, "on": ["oom"]}
+    retried = wait_for(client, client.post("/v1/experiments", json=spec).json()["id"],
+                       {"succeeded", "failed", "cancelled"}, timeout=300)
     run = retried["runs"][0]
     assert (retried["status"], run["attempt"], run["failure_kind"]) == ("succeeded", 2, "oom"), run
     assert run["ray_submission_id"] == f"orchestra-{run['id']}-2"
     steps = [m.step for m in MlflowClient(stack.mlflow_uri).get_metric_history(run["mlflow_run_id"], "train/loss")]
     assert sorted(s for s in steps if s <= 20) == [10, 20]  # before the checkpoint: once
     assert max(steps) == 40
-    failed = refused["runs"][0]
-    assert (refused["status"], failed["attempt"], failed["failure_kind"]) == ("failed", 1, "oom"), failed
-    assert "CUDA out of memory" in failed["error"]
+    # a policy for another kind fails the run with the kind after one attempt: tests/unit/test_retries.py
 
 
 def test_checkpoint_retention_and_the_best_registered_in_mlflow(api, stack) -> None:  # type: ignore[no-untyped-def]
