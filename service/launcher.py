@@ -81,6 +81,11 @@ class RayJobLauncher:
     def __init__(self, address: str) -> None:
         self.address = address
         self._client: Any = None
+        # Ray's client modules load here, in the thread that builds the app: a first import of Ray
+        # from two threads at once (the control loop and a readiness check) can leave a half
+        # initialised module behind ("partially initialized module 'ray'"), for good.
+        import ray.job_submission  # noqa: F401
+        import ray.util.state  # noqa: F401
 
     def _c(self) -> Any:
         if self._client is None:
