@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.db import engine_for, session_factory, upgrade
 from service.launcher import JobState
 from service.models import RunRow
 from service.reconciler import Reconciler
@@ -18,13 +17,6 @@ from service.state import IllegalTransition, RunStatus, experiment_status, trans
 from tests.fakes import MemoryLauncher, MemoryTracker
 
 QUICKSTART = (Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml").read_text()
-
-
-@pytest.fixture()
-def sessions(tmp_path: Path):  # type: ignore[no-untyped-def]
-    url = f"sqlite:///{tmp_path / 'o.db'}"
-    upgrade(url)
-    return session_factory(engine_for(url))
 
 
 def submit(sessions, priority: int = 0) -> str:  # type: ignore[no-untyped-def]

@@ -7,10 +7,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pytest
 import yaml
 
-from service.db import engine_for, session_factory, upgrade
 from service.launcher import JobState, submission_id_for
 from service.quotas import Candidate, Limits, Quotas, Usage, fair_order
 from service.reconciler import Reconciler
@@ -21,13 +19,6 @@ from service.spec import parse_spec
 from tests.fakes import MemoryLauncher, MemoryTracker
 
 QUICKSTART = (Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml").read_text()
-
-
-@pytest.fixture()
-def sessions(tmp_path: Path):  # type: ignore[no-untyped-def]
-    url = f"sqlite:///{tmp_path / 'o.db'}"
-    upgrade(url)
-    return session_factory(engine_for(url))
 
 
 def submit(sessions, owner: str, project: str = "default", gpus: int = 0) -> str:  # type: ignore[no-untyped-def]

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.db import engine_for, session_factory, upgrade
 from service.failures import classify
 from service.launcher import JobState, submission_id_for
 from service.reconciler import Reconciler
@@ -33,13 +32,6 @@ QUICKSTART = (Path(__file__).resolve().parents[2] / "examples" / "quickstart.yam
 ])
 def test_failure_kinds(message: str, tail: str, kind: str) -> None:
     assert classify(message, tail) == kind
-
-
-@pytest.fixture()
-def sessions(tmp_path: Path):  # type: ignore[no-untyped-def]
-    url = f"sqlite:///{tmp_path / 'o.db'}"
-    upgrade(url)
-    return session_factory(engine_for(url))
 
 
 class LoggingLauncher(MemoryLauncher):
