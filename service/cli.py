@@ -2,7 +2,6 @@
 status, logs, cancel)."""
 
 import json
-import os
 import signal
 import sys
 import threading
@@ -13,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from service.client import ApiError, Client
+from service.embedded import APP_FACTORY  # the app named by string: the CLI never imports api/
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Orchestra: experiments on Ray, metrics in MLflow")
 db_app = typer.Typer(help="Database migrations")
@@ -44,10 +44,6 @@ def db_upgrade(revision: str = "head") -> None:
     upgrade(url, revision)
     typer.echo(f"database at revision {revision}: {url.split('@')[-1]}")
 
-
-# The app is named by string (uvicorn's factory), so this module does not import api/: the API
-# sits above the service in the dependency order, and the CLI only starts it.
-APP_FACTORY = "api.main:create_app"
 
 
 def _serve(host: str, port: int, workers: int = 1) -> None:
@@ -99,58 +95,22 @@ def up(
                                               "made on first start, in the home)")] = False,
 ) -> None:
     """Start everything on this machine (SQLite, Ray head, MLflow, the API) until Ctrl-C."""
-    import uvicorn
+    from service.embedded import embedded_stack
 
-    from service.db import upgrade
-    from service.stack import Stack
-
-    home = home.expanduser().resolve()
-    stack = Stack(home=home, api_port=port, num_cpus=num_cpus, mlflow_auth=mlflow_auth)
     stop = threading.Event()
-    server: uvicorn.Server | None = None
     code = 0
-
-    def _on_signal(*_: Any) -> None:
-        stop.set()
-        if server is not None:
-            server.should_exit = True
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    try:
-        typer.echo(f"orchestra: starting Ray and MLflow under {home} ...")
-        stack.start()
-        os.environ.update(stack.env())
-        upgrade(stack.database_url)
-        stack.wait_ready()
-        from service.settings import get_settings
-
-        get_settings.cache_clear()  # read once, now that the stack's settings are in the environment
-        server = uvicorn.Server(uvicorn.Config(APP_FACTORY, factory=True, host="127.0.0.1", port=port,
-                                               log_level="warning", access_log=False))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        api = f"http://127.0.0.1:{port}"
-        client = Client(api)
-        deadline = time.monotonic() + 120
-        while not client.ready() and time.monotonic() < deadline and thread.is_alive():
-            time.sleep(0.5)
-        typer.echo(f"orchestra: API {api} (docs {api}/docs) | Ray dashboard {stack.ray_address} | "
-                   f"MLflow {stack.mlflow_uri}")
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with embedded_stack(home.expanduser().resolve(), port=port, num_cpus=num_cpus, mlflow_auth=mlflow_auth,
+                        echo=typer.echo) as stack:
         if run is not None:
-            code = _submit_and_wait(client, run)
+            code = _submit_and_wait(stack.client, run)
             if exit_after:
                 stop.set()
         if not exit_after:
             typer.echo("orchestra: running; Ctrl-C stops every process started here")
-        while not stop.is_set() and thread.is_alive():
+        while not stop.is_set() and stack.alive():
             stop.wait(0.5)
-    finally:
-        if server is not None:
-            server.should_exit = True
-            time.sleep(0.5)
-        typer.echo("orchestra: stopping ...")
-        stack.stop()
     raise typer.Exit(code)
 
 

@@ -29,16 +29,16 @@ def load_spec(mlflow_uri: str, mlflow_run_id: str) -> ExperimentSpec:
 
 
 def run(spec: ExperimentSpec, run_id: str, env: WorkerSettings) -> None:
-    """The spec's job: a merge, a sweep, a parameter-server run or a Ray Train run."""
+    """The spec's job: a sweep, a merge, a parameter-server run or a Ray Train run."""
     kwargs: dict[str, Any] = {"run_id": run_id, "mlflow_uri": env.mlflow_uri, "mlflow_run_id": env.mlflow_run_id}
-    if spec.task.kind == "merge":
-        from workers.merge_job import run_merge
-
-        run_merge(spec, **kwargs)
-    elif spec.sweep is not None:
+    if spec.sweep is not None:
         from workers.sweep import run_sweep
 
         run_sweep(spec, storage_path=env.storage_path, **kwargs)
+    elif spec.task.kind == "merge":
+        from workers.merge_job import run_merge
+
+        run_merge(spec, **kwargs)
     elif spec.distributed.strategy == "parameter_server":
         from workers.parameter_server import run_parameter_server
 

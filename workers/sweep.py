@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from service.spec import ExperimentSpec
-from service.spec.derived import worker_resources
+from service.spec.derived import processes, worker_resources
 from service.spec.sweep import SweepSpec
 from service.spec.task import CommandTaskSpec
 from workers.mlflow_log import RunLogger
@@ -60,20 +60,45 @@ def trial_spec(base: dict[str, Any], values: dict[str, Any]) -> ExperimentSpec:
     return ExperimentSpec.model_validate(doc)
 
 
-def run_command_trial(task: CommandTaskSpec, *, mlflow_uri: str, mlflow_run_id: str, metric: str) -> None:
-    """A command's trial: its script (the trial's values substituted) in the code's folder, logging
-    to the trial's MLflow run; the sweep's metric, read back from that run, goes to Tune."""
+def report_logged(mlflow_uri: str, mlflow_run_id: str, metric: str) -> None:
+    """Report the sweep's metric as the trial logged it to its MLflow run (once, at its end) to Tune."""
     from mlflow.tracking import MlflowClient
     from ray import tune
 
+    metrics = MlflowClient(tracking_uri=mlflow_uri).get_run(mlflow_run_id).data.metrics if mlflow_run_id else {}
+    tune.report({"step": 1, **({metric: metrics[metric]} if metric in metrics else {})})
+
+
+def run_command_trial(task: CommandTaskSpec, *, mlflow_uri: str, mlflow_run_id: str, metric: str) -> None:
+    """A command's trial: its script (the trial's values substituted) in the code's folder, logging
+    to the trial's MLflow run; the sweep's metric, read back from that run, goes to Tune."""
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")  # `python` is this one
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "MLFLOW_RUN_ID": mlflow_run_id, "PATH": path}
     workdir = os.environ.get("TUNE_ORIG_WORKING_DIR") or os.getcwd()  # Tune moves trials to a folder of theirs
     done = subprocess.run(["bash", "-c", task.rendered()], cwd=workdir, env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"the command exited with {done.returncode}: {task.rendered()[:300]}")
-    metrics = MlflowClient(tracking_uri=mlflow_uri).get_run(mlflow_run_id).data.metrics if mlflow_run_id else {}
-    tune.report({"step": 1, **({metric: metrics[metric]} if metric in metrics else {})})
+    report_logged(mlflow_uri, mlflow_run_id, metric)
+
+
+def runs_in_trial(spec: ExperimentSpec) -> bool:
+    """Whether the trial's own process does the work: a merge, or workers simulated in process (a
+    command runs in the trial too, as its script); the other trials start a Ray Train run."""
+    return spec.task.kind == "merge" or spec.distributed.placement == "in_process"
+
+
+def run_in_trial(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_id: str, metric: str) -> None:
+    """A merge's or a parameter server's trial, in the trial's process; its metric (read back from
+    its MLflow run) goes to Tune once, at the end, so ASHA cannot stop it early."""
+    if spec.task.kind == "merge":
+        from workers.merge_job import run_merge
+
+        run_merge(spec, run_id=run_id, mlflow_uri=mlflow_uri, mlflow_run_id=mlflow_run_id)
+    else:
+        from workers.parameter_server import run_parameter_server
+
+        run_parameter_server(spec, run_id=run_id, mlflow_uri=mlflow_uri, mlflow_run_id=mlflow_run_id)
+    report_logged(mlflow_uri, mlflow_run_id, metric)
 
 
 def concurrent_trials(spec: ExperimentSpec, cluster_cpus: float, cluster_gpus: float) -> int:
@@ -82,10 +107,13 @@ def concurrent_trials(spec: ExperimentSpec, cluster_cpus: float, cluster_gpus: f
     assert sweep is not None
     if sweep.max_concurrent_trials:
         return sweep.max_concurrent_trials
-    per_worker = worker_resources(dist)
-    fits = [math.floor(cluster_cpus / max(per_worker.get("CPU", 1.0) * dist.num_workers + 0.5, 1e-9))]
+    per_worker, workers = worker_resources(dist), processes(dist)
+    if runs_in_trial(spec):  # the trial's own process is all it runs
+        fits = [math.floor(cluster_cpus / max(per_worker.get("CPU", 1.0), 1e-9))]
+    else:  # the trial's actor and its Ray Train workers
+        fits = [math.floor(cluster_cpus / max(per_worker.get("CPU", 1.0) * workers + 0.5, 1e-9))]
     if dist.use_gpu:
-        fits.append(math.floor(cluster_gpus / max(per_worker.get("GPU", 1.0) * dist.num_workers, 1e-9)))
+        fits.append(math.floor(cluster_gpus / max(per_worker.get("GPU", 1.0) * workers, 1e-9)))
     return max(1, min(fits))
 
 
@@ -148,6 +176,9 @@ def run_sweep(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_
         try:
             if isinstance(tspec.task, CommandTaskSpec):
                 run_command_trial(tspec.task, mlflow_uri=mlflow_uri, mlflow_run_id=child_id, metric=sweep.metric)
+            elif runs_in_trial(tspec):
+                run_in_trial(tspec, run_id=f"{run_id}-{tune.get_context().get_trial_id()}", mlflow_uri=mlflow_uri,
+                             mlflow_run_id=child_id, metric=sweep.metric)
             else:
                 run_trainer(tspec, run_id=f"{run_id}-{tune.get_context().get_trial_id()}", mlflow_uri=mlflow_uri,
                             mlflow_run_id=child_id, storage_path=storage_path, callbacks=[TuneReportCallback()],
@@ -169,7 +200,7 @@ def run_sweep(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_
         ray.init(address=settings().ray_address, ignore_reinit_error=True)
         resources = ray.cluster_resources()
     trainable: Any = trial
-    if isinstance(spec.task, CommandTaskSpec):  # the script runs inside the trial: it holds the resources
+    if isinstance(spec.task, CommandTaskSpec) or runs_in_trial(spec):  # the trial's process holds the resources
         held = worker_resources(spec.distributed)
         trainable = tune.with_resources(trial, {"cpu": held.get("CPU", 1.0), "gpu": held.get("GPU", 0.0)})
     tuner = tune.Tuner(

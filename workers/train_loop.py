@@ -82,6 +82,8 @@ def train_worker(config: dict[str, Any]) -> None:
         metrics.update(exchanged)
         window.add(float(loss))
         done = step + 1
+        if step == start:  # the state exists once the optimizer has stepped
+            metrics["optimizer/state_mib"] = strategy.optimizer_state_bytes() / 2**20
         if cadence.log(done):
             logger.metrics({**metrics, **window.metrics(strategy.lr)}, step=done)
             metrics = {}

@@ -39,25 +39,28 @@ def worker_resources(dist: "DistributedSpec") -> dict[str, float]:
     return base
 
 
+def processes(dist: "DistributedSpec") -> int:
+    """The worker processes a training run starts: one per worker, or one for workers simulated in
+    the job's process."""
+    return 1 if dist.placement == "in_process" else dist.num_workers
+
+
 def demand(spec: "ExperimentSpec") -> dict[str, Any]:
     """What the run's job claims from the cluster while it runs: ``count`` bundles of ``bundle``
-    (each a worker: one node must hold it whole). A sweep's trials at once count each (its
-    ``max_concurrent_trials``, else every grid point of every sample); a command claims its own
-    resources once; a merge runs in the job's driver, which claims nothing."""
-    if spec.task.kind == "merge":
-        return {"bundle": {}, "count": 0}
+    (each a worker: one node must hold it whole). A sweep counts ``max_concurrent_trials`` trials;
+    without it, one (what it needs to start: Tune queues the other trials and runs as many as the
+    cluster then holds, so quotas count only its first; give max_concurrent_trials to have them
+    count each); a command claims its own resources once; a merge runs in the job's driver, which
+    claims nothing."""
     if spec.task.kind == "command":
         return {"bundle": dict(spec.distributed.resources_per_worker or {}), "count": 1}
-    count = spec.distributed.num_workers
     sweep = spec.sweep
+    if spec.task.kind == "merge":
+        at_once = 0 if sweep is None else (sweep.max_concurrent_trials or 1)  # a trial: one CPU
+        return {"bundle": {"CPU": 1.0} if at_once else {}, "count": at_once}
+    count = processes(spec.distributed)
     if sweep is not None:
-        at_once = sweep.max_concurrent_trials
-        if at_once is None:
-            at_once = sweep.num_samples
-            for dist in sweep.parameters.values():
-                kind, values = next(iter(dist.items()))
-                at_once *= len(values) if kind == "grid" else 1
-        count *= at_once
+        count *= sweep.max_concurrent_trials or 1
     return {"bundle": worker_resources(spec.distributed), "count": count}
 
 

@@ -28,6 +28,12 @@ class DistributedSpec(StrictModel):
                              description="a Ray resource the pool's nodes carry (ray start --resources "
                              "'{\"<pool>\": 1000}'): the workers go only there")
     strategy: Literal["ddp", "deepspeed", "parameter_server"] = "ddp"
+    placement: Literal["actors", "in_process"] = Field(
+        default="actors",
+        description="strategy parameter_server: 'actors' runs one Ray actor per worker; 'in_process' "
+        "simulates the workers in the job's own process on a simulated clock (each message arrives after "
+        "its worker's measured compute time plus its injected delay, as if the workers ran in parallel): "
+        "one CPU whatever num_workers, for simulation studies of robust rules and gradient codes")
     deepspeed: DeepSpeedSpec | None = None
     aggregator: AggregatorConfig | None = None
     exchange: Literal["auto", "none", "gather", "shard"] = Field(

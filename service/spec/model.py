@@ -92,9 +92,13 @@ class ExperimentSpec(StrictModel):
             raise ValueError("merge.method: task.kind 'merge' needs a merge section")
         if self.merge.NEEDS_BASE and self.merge.base is None:
             raise ValueError(f"merge.base: required by merge.method {self.merge.method!r}")
-        for section in ("optimizer", "peft", "sweep"):
+        for section in ("optimizer", "peft"):
             if getattr(self, section) is not None:
                 raise ValueError(f"{section}.name: {section} does not apply to task.kind 'merge'")
+        if self.sweep is not None:
+            for path in self.sweep.parameters:
+                if not path.startswith(("merge.", "task.")) and path != "merge":
+                    raise ValueError(f"sweep.parameters.{path}: a merge's sweep ranges over merge and task paths")
         if self.faults.fail_job is not None:
             raise ValueError("faults.fail_job: simulated job failures apply to training tasks, not to a merge")
         if self.checkpoints is not None:
@@ -205,6 +209,9 @@ class ExperimentSpec(StrictModel):
                 )
         if dist.strategy == "parameter_server":
             self._check_parameter_server()
+        elif dist.placement == "in_process":
+            raise ValueError("distributed.placement: 'in_process' simulates the workers of strategy "
+                             f"parameter_server; {dist.strategy} ranks are processes (leave it 'actors')")
 
     def _check_checkpoints(self) -> None:
         ckpt, train = self.checkpoints, self.train

@@ -73,6 +73,18 @@ def _path_exists(resolved: dict[str, Any], path: str) -> bool:
     return True
 
 
+# ``distributed`` paths a sweep may range over: what the workers compute, not what they claim from
+# the cluster (the sweep's trials all hold the same resources)
+SWEEPABLE_DISTRIBUTED = ("distributed.aggregator", "distributed.gradient_coding", "distributed.exchange")
+
+
+def _sweepable(path: str) -> bool:
+    head = path.split(".")[0]
+    if head == "distributed":
+        return path.startswith(SWEEPABLE_DISTRIBUTED)
+    return head not in ("sweep", "name")
+
+
 def _check_sweep(spec: ExperimentSpec, raw: dict[str, Any]) -> None:
     if spec.sweep is None:
         return
@@ -80,7 +92,7 @@ def _check_sweep(spec: ExperimentSpec, raw: dict[str, Any]) -> None:
     errors = []
     for path in spec.sweep.parameters:
         where = f"sweep.parameters.{path}"
-        if path.split(".")[0] in ("sweep", "name", "distributed") or not _path_exists(resolved, path):
+        if not _sweepable(path) or not _path_exists(resolved, path):
             errors.append({"field": where, "message": f"{path!r} is not a parameter of this spec"})
             continue
         for value in spec.sweep.candidate_values(path):

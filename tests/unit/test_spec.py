@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from service.spec import SpecError, parse_spec
+from service.spec.derived import demand
 from service.spec.parse import validate_document
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -97,6 +98,14 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
      "sweep.parameters.optimizer.lr", "greater than 0"),
     ("sweep bad bounds", with_changes(sweep={"parameters": {"optimizer.lr": {"uniform": [1, 0.1]}}}),
      "sweep.parameters.optimizer.lr.uniform", "low must be below high"),
+    ("sweep over what workers claim", with_changes(sweep={"parameters": {"distributed.num_workers": {"grid": [1, 2]}}}),
+     "sweep.parameters.distributed.num_workers", "not a parameter"),
+    ("sweep over a block with a bad member",
+     with_changes(sweep={"parameters": {"optimizer": {"grid": [{"name": "sgd", "lr": 0.1},
+                                                               {"name": "sgd", "lr": -1}]}}}),
+     "sweep.parameters.optimizer", "optimizer.lr"),
+    ("in-process workers under ddp", with_changes(distributed__placement="in_process"),
+     "distributed.placement", "parameter_server"),
     ("fp16 on CPU", with_changes(train__precision="fp16"), "train.precision", "use_gpu"),
     ("deepspeed fragment disagrees",
      with_changes(distributed__strategy="deepspeed",
@@ -235,3 +244,37 @@ def test_resolved_values() -> None:
     assert ds["distributed"]["exchange"] == "shard" and ds["distributed"]["deepspeed"]["zero_stage"] == 0
     assert parse_spec(json.dumps(RESOLVED_CASES["deepspeed"])).resolved()["distributed"]["deepspeed"]["zero_stage"] == 2
     assert parse_spec(json.dumps(RESOLVED_CASES["parameter server"])).resolved()["distributed"]["exchange"] == "none"
+
+
+def test_sweeps_range_over_method_blocks_and_seeds() -> None:
+    """A comparison is a sweep: whole aggregator blocks, attacks and seeds; each trial validated."""
+    doc = with_changes(distributed__num_workers=5, distributed__strategy="parameter_server",
+                       distributed__placement="in_process", train__batch_size=20,
+                       faults={"byzantine": {"count": 1, "attack": {"name": "uniform"}}},
+                       sweep={"parameters": {
+                           "distributed.aggregator": {"grid": [{"name": "mean"}, {"name": "krum", "f": 1},
+                                                               {"name": "flag", "f": 1}]},
+                           "faults.byzantine.attack": {"grid": [{"name": "uniform"}, {"name": "alie"}]},
+                           "train.seed": {"grid": [0, 1]}}})
+    spec = validate_document(doc)
+    assert spec.distributed.placement == "in_process"
+    # workers in one process claim one worker's resources, and a sweep without a concurrency
+    # limit claims one trial's to start
+    assert demand(spec) == {"bundle": {"CPU": 1.0}, "count": 1}
+    bad = json.loads(json.dumps(doc))
+    bad["sweep"]["parameters"]["distributed.aggregator"]["grid"].append({"name": "krum", "f": 9})
+    with pytest.raises(SpecError) as err:
+        validate_document(bad)
+    assert err.value.errors[0]["field"] == "sweep.parameters.distributed.aggregator"
+
+
+def test_a_merge_sweeps_over_merge_blocks() -> None:
+    merge = {"name": "m", "task": {"kind": "merge", "dataset": {"name": "digits"}},
+             "merge": {"method": "average", "inputs": ["a", "b"]},
+             "sweep": {"parameters": {"merge": {"grid": [{"method": "average", "inputs": ["a", "b"]},
+                                                         {"method": "pleas", "inputs": ["a", "b"]}]}}}}
+    spec = validate_document(merge)
+    assert demand(spec) == {"bundle": {"CPU": 1.0}, "count": 1}
+    merge["sweep"]["parameters"] = {"optimizer.lr": {"grid": [0.1]}}
+    with pytest.raises(SpecError, match="merge"):
+        validate_document(merge)

@@ -87,11 +87,13 @@ class _Pending:
 
 
 class LocalPool:
-    """In-process workers and a simulated clock (tests): a result arrives ``compute_s`` plus its
-    injected delay after submission; ``delay_fn(round, worker)`` can override the delays."""
+    """In-process workers and a simulated clock (``distributed.placement: in_process``, and tests):
+    a result arrives ``compute_s`` (by default the worker's measured compute time, as if every
+    worker had a core of its own) plus its injected delay after submission; ``delay_fn(round,
+    worker)`` can override the delays."""
 
     def __init__(self, spec: ExperimentSpec, layout: Layout,
-                 delay_fn: Callable[[int, int], float] | None = None, compute_s: float = 0.01) -> None:
+                 delay_fn: Callable[[int, int], float] | None = None, compute_s: float | None = None) -> None:
         wire = str(layout.wire).removeprefix("torch.")
         self.workers = [GradientWorker(spec, w, layout.sizes, layout.keep, wire, sleep=False)
                         for w in range(layout.n_workers)]
@@ -101,9 +103,11 @@ class LocalPool:
         return value.clone()
 
     def submit(self, worker: int, round: int, items: list[WorkItem], weights: list[Any]) -> Any:
+        start = time.perf_counter()
         out, info = self.workers[worker].compute(items, *weights)
+        compute = time.perf_counter() - start if self.compute_s is None else self.compute_s
         delay = info["delay_s"] if self.delay_fn is None else self.delay_fn(round, worker)
-        return _Pending(self.now + self.compute_s * (1 + 1e-3 * worker) + delay, (out, info))
+        return _Pending(self.now + compute * (1 + 1e-3 * worker) + delay, (out, info))
 
     def wait(self, handles: list[Any], num_returns: int, timeout: float | None) -> list[Any]:
         limit = math.inf if timeout is None else self.now + timeout

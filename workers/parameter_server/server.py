@@ -21,7 +21,7 @@ from workers.mlflow_log import RunLogger
 from workers.model_io import save_final_model
 from workers.optim import build_optimizer
 from workers.parameter_server.layout import Layout
-from workers.parameter_server.pools import Pool, RayPool
+from workers.parameter_server.pools import LocalPool, Pool, RayPool
 from workers.plan import RunPlan
 from workers.robust import Liars, build_rule
 from workers.schedule import build_scheduler
@@ -260,7 +260,8 @@ def run_parameter_server(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, 
     logger = RunLogger(mlflow_uri, mlflow_run_id)
     logger.log_spec(spec.resolved())
     layout = Layout.from_spec(spec)
-    pool = RayPool(spec, layout)
+    pool: LocalPool | RayPool = LocalPool(spec, layout) if spec.distributed.placement == "in_process" \
+        else RayPool(spec, layout)
     try:
         server = ParameterServer(spec, layout, pool, logger)
         n_params = sum(p.numel() for p in server.model.parameters())

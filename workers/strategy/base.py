@@ -52,6 +52,22 @@ class Strategy(Protocol):
     def final_model(self) -> nn.Module:
         """The whole trained model (on rank 0 at least; every rank must call this)."""
 
+    def optimizer_state_bytes(self) -> int:
+        """The bytes of this rank's optimizer state (moments, projections): what the low-rank
+        methods save."""
+
+
+def state_bytes(optimizer: Any) -> int:
+    """Bytes of the tensors in an optimizer's per-parameter state, each tensor counted once."""
+    seen: set[int] = set()
+    total = 0
+    for state in getattr(optimizer, "state", {}).values():
+        for value in state.values() if isinstance(state, dict) else ():
+            if isinstance(value, Tensor) and id(value) not in seen:
+                seen.add(id(value))
+                total += value.numel() * value.element_size()
+    return total
+
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)

@@ -16,7 +16,7 @@ from service.spec import ExperimentSpec
 from workers import checkpoint
 from workers.optim import build_optimizer, optimizer_step
 from workers.schedule import build_scheduler
-from workers.strategy.base import AUTOCAST, Closure, Exchange, autocast, exchanged
+from workers.strategy.base import AUTOCAST, Closure, Exchange, autocast, exchanged, state_bytes
 
 
 class DDPStrategy:
@@ -67,6 +67,9 @@ class DDPStrategy:
     def save(self, *, step: int, metrics: dict[str, float]) -> None:
         checkpoint.save_and_report(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, step=step,
                                    metrics=metrics, rank=self.rank)
+
+    def optimizer_state_bytes(self) -> int:
+        return state_bytes(self.optimizer)
 
     def final_model(self) -> nn.Module:
         return checkpoint.unwrap(self.model)

@@ -46,7 +46,7 @@ from service.spec.deepspeed_rules import (
 )
 from workers.plan import RunPlan
 from workers.schedule import build_scheduler
-from workers.strategy.base import AUTOCAST, Closure, Exchange, autocast, exchanged
+from workers.strategy.base import AUTOCAST, Closure, Exchange, autocast, exchanged, state_bytes
 
 log = logging.getLogger(__name__)
 OPTIMIZER_FILE = "optimizer_rank{rank}.pt"  # per-rank state of PartitionedOptimizer
@@ -229,6 +229,11 @@ class DeepSpeedStrategy:
         return int(client_state["step"])
 
     # ---- the final model ----------------------------------------------------------------------
+
+    def optimizer_state_bytes(self) -> int:
+        # the ZeRO optimizer wraps the torch optimizer that holds this rank's partition of the state
+        wrapper = self.engine.optimizer
+        return state_bytes(getattr(wrapper, "optimizer", wrapper))
 
     def final_model(self) -> nn.Module:
         """The whole trained model on rank 0 (other ranks get their engine's module back)."""

@@ -73,7 +73,7 @@ def test_one_shot_code_with_stragglers_equals_full_batch(scheme: str, n: int, s:
     spec = make_spec(n, {"scheme": scheme, "stragglers": s}, faults=straggler(ranks))
     layout = Layout.from_spec(spec)
     assert layout.wire == (torch.float32 if scheme == "fractional_repetition" else torch.float64)
-    server = ParameterServer(spec, layout, LocalPool(spec, layout))
+    server = ParameterServer(spec, layout, LocalPool(spec, layout, compute_s=0.01))
     server.train_model()
     assert [r.late for r in server.records] == [ranks] * STEPS  # decoded without the stragglers
     assert_same(server, reference(spec, layout.sizes))
@@ -87,7 +87,7 @@ def test_one_shot_code_with_stragglers_equals_full_batch(scheme: str, n: int, s:
 def test_uncoded_waits_for_all() -> None:
     spec = make_spec(4, faults=straggler([2]))
     layout = Layout.from_spec(spec)
-    pool = LocalPool(spec, layout)
+    pool = LocalPool(spec, layout, compute_s=0.01)
     server = ParameterServer(spec, layout, pool)
     server.train_model()
     assert all(r.late == [] and r.wait_s >= 1.0 for r in server.records)
@@ -104,7 +104,7 @@ def test_sequential_code_with_bursty_stragglers_equals_delayed_full_batch(scheme
     layout = Layout.from_spec(spec)
     T = layout.code.delay
     pattern = bursty_pattern(n, steps + T, burst, window, lam, p_start=0.4, p_continue=0.9, seed=11)
-    pool = LocalPool(spec, layout, delay_fn=lambda r, w: 1.0 if w in pattern[r] else 0.0)
+    pool = LocalPool(spec, layout, compute_s=0.01, delay_fn=lambda r, w: 1.0 if w in pattern[r] else 0.0)
     server = ParameterServer(spec, layout, pool)
     server.train_model()
     late = [set(r.late) for r in server.records]
@@ -121,7 +121,7 @@ def test_sequential_waits_when_the_pattern_leaves_the_model() -> None:
     coding = {"scheme": "sequential_gc", "stragglers": 1, "burst": 1, "window": 2}
     spec = make_spec(4, coding, steps=6, faults=straggler([0]))
     layout = Layout.from_spec(spec)
-    server = ParameterServer(spec, layout, LocalPool(spec, layout))
+    server = ParameterServer(spec, layout, LocalPool(spec, layout, compute_s=0.01))
     server.train_model()
     waited = [r.wait_s >= 1.0 for r in server.records]
     assert any(waited) and not all(waited)
@@ -142,7 +142,7 @@ def test_robust_rule_sees_attacked_rows_uncoded() -> None:
                      faults={"byzantine": {"ranks": [0], "attack": "sign_flip"}})
     layout = Layout.from_spec(spec)
     spy = Spy()
-    server = ParameterServer(spec, layout, LocalPool(spec, layout), rule=spy)
+    server = ParameterServer(spec, layout, LocalPool(spec, layout, compute_s=0.01), rule=spy)
     server.train_model()
     assert len(spy.rows) == STEPS
     for rows in spy.rows:
@@ -155,7 +155,7 @@ def test_robust_rule_with_fractional_repetition_sees_block_estimates() -> None:
                      aggregator={"name": "median", "f": 1}, faults=straggler([3]))
     layout = Layout.from_spec(spec)
     spy = Spy()
-    server = ParameterServer(spec, layout, LocalPool(spec, layout), rule=spy)
+    server = ParameterServer(spec, layout, LocalPool(spec, layout, compute_s=0.01), rule=spy)
     server.train_model()
     for rows in spy.rows:  # workers 0, 1, 2 arrive; 0 and 1 share a block, 2 has the other
         assert rows.shape[0] == 3
@@ -167,7 +167,7 @@ def test_real_robust_rule_builds_from_the_registry() -> None:
     spec = make_spec(5, aggregator={"name": "median", "f": 1}, steps=2,
                      faults={"byzantine": {"ranks": [0], "attack": "sign_flip"}})
     layout = Layout.from_spec(spec)
-    server = ParameterServer(spec, layout, LocalPool(spec, layout))
+    server = ParameterServer(spec, layout, LocalPool(spec, layout, compute_s=0.01))
     server.train_model()
     assert server.rule is not None and len(server.records) == 2
 

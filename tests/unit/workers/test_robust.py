@@ -65,5 +65,5 @@ def test_parameter_server_evaluates_on_the_cadence() -> None:
     s = spec({}, strategy="parameter_server", eval_every=2)
     layout = Layout.from_spec(s)
     logger = Recorder()
-    ParameterServer(s, layout, LocalPool(s, layout), logger).train_model()  # type: ignore[arg-type]
+    ParameterServer(s, layout, LocalPool(s, layout, compute_s=0.01), logger).train_model()  # type: ignore[arg-type]
     assert logger.evals == [2, 4, 5]
