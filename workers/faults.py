@@ -34,18 +34,44 @@ def sample_delay_s(delay: DelaySpec, rng: random.Random) -> float:
 
 
 class Straggler:
-    """Sleeps on the straggling ranks, with a per-rank seeded delay stream."""
+    """The straggler delays of one rank: on the chosen ranks every round, or, with bursts, on the
+    rounds where the seeded bursty pattern picks this rank (the round the caller names, else
+    counted by calls). Sleeps in :meth:`delay`; :meth:`draw` only says how long (a simulated
+    clock)."""
 
     def __init__(self, faults: FaultsSpec, rank: int, n: int) -> None:
         self.spec = faults.stragglers
+        self.rank, self.n, self.round = rank, n, 0
         self.active = rank in chosen_ranks(self.spec, n)
         self.rng = random.Random((self.spec.seed if self.spec else 0) * 7919 + rank)
+        self.pattern: list[frozenset[int]] = []
 
-    def delay(self) -> float:
-        if not self.active or self.spec is None:
+    def _straggles(self) -> bool:
+        spec = self.spec
+        if spec is None or spec.bursts is None:
+            return self.active
+        while self.round >= len(self.pattern):  # the pattern is replayed from its seed, longer each time
+            from algorithms.coding.straggler_model import bursty_pattern
+
+            b = spec.bursts
+            self.pattern = bursty_pattern(self.n, max(2 * len(self.pattern), 256), b.burst, b.window, spec.count or 0,
+                                          p_start=b.p_start, p_continue=b.p_continue, seed=spec.seed)
+        return self.rank in self.pattern[self.round]
+
+    def draw(self, round: int | None = None) -> float:
+        """This round's delay in seconds (0 when this rank does not straggle); advances the round."""
+        if round is not None:
+            self.round = round
+        straggles = self._straggles()
+        self.round += 1
+        if not straggles or self.spec is None:
             return 0.0
-        seconds = sample_delay_s(self.spec.delay, self.rng)
-        time.sleep(seconds)
+        return sample_delay_s(self.spec.delay, self.rng)
+
+    def delay(self, round: int | None = None) -> float:
+        seconds = self.draw(round)
+        if seconds > 0:
+            time.sleep(seconds)
         return seconds
 
 

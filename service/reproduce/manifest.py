@@ -38,7 +38,8 @@ class Stage(StrictModel):
 
 
 class Claim(StrictModel):
-    """One comparison the paper states: ``method`` against each of ``baselines`` on ``metric``.
+    """One comparison the paper states: ``method`` (or each of several) against each of ``baselines``
+    on ``metric``.
 
     Trials are selected by their spec's values (``{path: value}``, as MLflow's params hold them),
     compared inside each cell of ``within`` (for example one attack and one f), paired by
@@ -47,12 +48,14 @@ class Claim(StrictModel):
     difference passes ``tolerance`` and twice its standard error (see ``verdict``)."""
 
     statement: str
-    metric: str
-    stat: Literal["final", "best"] = "final"
+    metric: str = Field(description="a metric, or 'a - b': the difference of two (a generalisation gap)")
+    stat: Literal["final", "best", "mean"] = Field(
+        default="final", description="the last logged value, the best one, or the mean over the logged steps")
     higher_is_better: bool = True
     where: dict[str, list[str]] = Field(default_factory=dict,
                                         description="only trials whose value at each path is one of these")
-    method: dict[str, str]
+    method: dict[str, str] | list[dict[str, str]] = Field(
+        description="the method's trials, or several methods each compared with every baseline")
     baselines: list[dict[str, str]] = Field(min_length=1)
     within: list[str] = Field(default_factory=list)
     pair_by: list[str] = Field(default_factory=list)
@@ -67,6 +70,9 @@ class Claim(StrictModel):
         if isinstance(value, list):
             return [{k: str(v) for k, v in b.items()} if isinstance(b, dict) else b for b in value]
         return value
+
+    def methods(self) -> list[dict[str, str]]:
+        return self.method if isinstance(self.method, list) else [self.method]
 
 
 class ReportSpec(StrictModel):

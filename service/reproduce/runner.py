@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from service.client import TERMINAL, Client
-from service.reproduce.manifest import Manifest, load, render
+from service.reproduce.manifest import Claim, Manifest, load, render
 from service.reproduce.verdict import ClaimResult, TrialValues, judge
 
 EXAMPLES = Path("examples") / "reproduce"
@@ -75,10 +75,9 @@ def wait_for(client: Client, ids: list[str], *, timeout_s: float, poll_s: float 
         time.sleep(poll_s)
 
 
-def trial_values(mlflow_uri: str, experiments: list[dict[str, Any]],
-                 best_metrics: dict[str, bool]) -> list[TrialValues]:
-    """Every trial of the experiments (a sweep's child runs, else the run itself): its params, final
-    metric values and, for each of ``best_metrics`` (metric -> higher is better), its best value."""
+def trial_values(mlflow_uri: str, experiments: list[dict[str, Any]], claims: list[Claim]) -> list[TrialValues]:
+    """Every trial of the experiments (a sweep's child runs, else the run itself): its params, its
+    metrics' final values and, for the claims that ask, their best and mean over the history."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_uri)
@@ -88,7 +87,7 @@ def trial_values(mlflow_uri: str, experiments: list[dict[str, Any]],
         exp_id = client.get_run(parent).info.experiment_id
         children: list[Any] = []
         token = None
-        while True:  # bounded by the number of trials: one page of up to 1000 each
+        while True:  # bounded by the number of trials: pages of up to 1000
             page = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'",
                                       max_results=1000, page_token=token)
             children += list(page)
@@ -96,19 +95,21 @@ def trial_values(mlflow_uri: str, experiments: list[dict[str, Any]],
             if not token:
                 break
         runs += children or [client.get_run(parent)]
+    wanted = {(name, c.higher_is_better) for c in claims if c.stat != "final" for name in c.metric.split(" - ")}
 
-    def best(run: Any) -> dict[str, float]:
-        out = {}
-        for metric, higher in best_metrics.items():
+    def history(run: Any) -> tuple[dict[str, float], dict[str, float]]:
+        best, mean = {}, {}
+        for metric, higher in wanted:
             values = [m.value for m in client.get_metric_history(run.info.run_id, metric) if math.isfinite(m.value)]
             if values:
-                out[metric] = max(values) if higher else min(values)
-        return out
+                best[metric] = max(values) if higher else min(values)
+                mean[metric] = sum(values) / len(values)
+        return best, mean
 
     with ThreadPoolExecutor(8) as pool:
-        bests = list(pool.map(best, runs)) if best_metrics else [{} for _ in runs]
-    return [TrialValues(params=dict(run.data.params), final=dict(run.data.metrics), best=b)
-            for run, b in zip(runs, bests, strict=True)]
+        extra = list(pool.map(history, runs))
+    return [TrialValues(params=dict(run.data.params), final=dict(run.data.metrics), best=b, mean=m)
+            for run, (b, m) in zip(runs, extra, strict=True)]
 
 
 def claims_html(manifest: Manifest, results: list[ClaimResult], *, quick: bool) -> str:
@@ -129,15 +130,16 @@ def claims_html(manifest: Manifest, results: list[ClaimResult], *, quick: bool) 
         parts.append(f"<p>{esc(c.statement)}</p><p><i>Measured:</i> {esc(c.stat)} {esc(c.metric)} "
                      f"({'higher' if c.higher_is_better else 'lower'} is better), expected "
                      f"{esc(c.expect.replace('_', ' '))}, tolerance {c.tolerance:g}; {esc(res.reason)}.</p>")
-        rows = ["<tr><th>cell</th><th>baseline</th><th>n</th><th>mean difference</th><th>95% half-width</th>"
-                "<th>outcome</th></tr>"]
+        rows = ["<tr><th>cell</th><th>method</th><th>baseline</th><th>n</th><th>mean difference</th>"
+                "<th>95% half-width</th><th>outcome</th></tr>"]
         for cmp in res.comparisons:
             cell = ", ".join(f"{_short(k)}={v}" for k, v in cmp.cell.items()) or "all"
             base = ", ".join(f"{v}" for v in cmp.baseline.values())
+            method = ", ".join(f"{v}" for v in cmp.method.values())
             half = "-" if math.isinf(cmp.half_width) else f"{cmp.half_width:.4f}"
             mean = "-" if math.isnan(cmp.mean) else f"{cmp.mean:+.4f}"
-            rows.append(f"<tr><td>{esc(cell)}</td><td>{esc(base)}</td><td>{cmp.n}</td><td>{mean}</td>"
-                        f"<td>{half}</td><td>{esc(cmp.outcome)}</td></tr>")
+            rows.append(f"<tr><td>{esc(cell)}</td><td>{esc(method)}</td><td>{esc(base)}</td><td>{cmp.n}</td>"
+                        f"<td>{mean}</td><td>{half}</td><td>{esc(cmp.outcome)}</td></tr>")
         parts.append("<table>" + "".join(rows) + "</table>")
     return "\n".join(parts)
 

@@ -36,16 +36,19 @@ def t975(df: int) -> float:
 
 @dataclass(frozen=True)
 class TrialValues:
-    """What a claim reads of one trial: its spec's values and its metrics' final and best values."""
+    """What a claim reads of one trial: its spec's values and its metrics' final, best and mean
+    (over the logged steps) values."""
 
     params: dict[str, str]
     final: dict[str, float]
     best: dict[str, float]
+    mean: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class Comparison:
     cell: dict[str, str]
+    method: dict[str, str]
     baseline: dict[str, str]
     n: int
     mean: float  # of the differences, in the claim's favour when positive
@@ -66,8 +69,8 @@ def _selects(trial: TrialValues, values: dict[str, str]) -> bool:
 
 
 def _same(logged: str | None, wanted: str) -> bool:
-    if logged is None:
-        return False
+    if logged is None:  # a section left out (no gradient code) logs no param: "None" selects it
+        return wanted == "None"
     if logged == wanted:
         return True
     try:  # "1" and "1.0" are the same number
@@ -77,8 +80,14 @@ def _same(logged: str | None, wanted: str) -> bool:
 
 
 def _value(trial: TrialValues, claim: Claim) -> float | None:
-    value = (trial.final if claim.stat == "final" else trial.best).get(claim.metric)
-    return None if value is None or not math.isfinite(value) else value
+    """The claim's metric of the trial; ``a - b`` is the difference of two metrics (a gap)."""
+    values = {"final": trial.final, "best": trial.best, "mean": trial.mean}[claim.stat]
+    names = claim.metric.split(" - ")
+    found = [values.get(name) for name in names]
+    if any(v is None or not math.isfinite(v) for v in found):
+        return None
+    first, *rest = (float(v) for v in found if v is not None)
+    return first - sum(rest)
 
 
 def _compare(method: list[TrialValues], baseline: list[TrialValues], claim: Claim) -> tuple[int, float, float]:
@@ -112,24 +121,25 @@ def judge(claim: Claim, trials: list[TrialValues]) -> ClaimResult:
     result = ClaimResult(claim)
     trials = [t for t in trials
               if all(any(_same(t.params.get(k), v) for v in allowed) for k, allowed in claim.where.items())]
-    chosen = [t for t in trials if _selects(t, claim.method)]
+    chosen = [t for t in trials if any(_selects(t, m) for m in claim.methods())]
     cells = sorted({tuple(t.params.get(p, "") for p in claim.within) for t in chosen}) or [()]
     for cell_values in cells:
         cell = dict(zip(claim.within, cell_values, strict=True))
         in_cell = [t for t in trials if _selects(t, cell)]
-        method = [t for t in in_cell if _selects(t, claim.method)]
-        for baseline in claim.baselines:
-            n, mean, half = _compare(method, [t for t in in_cell if _selects(t, baseline)], claim)
-            outcome: Outcome
-            if n == 0:
-                outcome = "missing"
-            elif mean - half > 0 and mean > claim.tolerance:
-                outcome = "better"
-            elif mean + half < 0 and mean < -claim.tolerance:
-                outcome = "worse"
-            else:
-                outcome = "tie"
-            result.comparisons.append(Comparison(cell, baseline, n, mean, half, outcome))
+        for selected in claim.methods():
+            method = [t for t in in_cell if _selects(t, selected)]
+            for baseline in claim.baselines:
+                n, mean, half = _compare(method, [t for t in in_cell if _selects(t, baseline)], claim)
+                outcome: Outcome
+                if n == 0:
+                    outcome = "missing"
+                elif mean - half > 0 and mean > claim.tolerance:
+                    outcome = "better"
+                elif mean + half < 0 and mean < -claim.tolerance:
+                    outcome = "worse"
+                else:
+                    outcome = "tie"
+                result.comparisons.append(Comparison(cell, selected, baseline, n, mean, half, outcome))
     outcomes = [c.outcome for c in result.comparisons]
     counts = {o: outcomes.count(o) for o in ("better", "tie", "worse", "missing")}
     tally = ", ".join(f"{v} {k}" for k, v in counts.items() if v)

@@ -46,8 +46,34 @@ class DelaySpec(StrictModel):
     alpha: float = Field(default=2.0, gt=1.0, le=100.0, description="Pareto shape (mean finite needs > 1)")
 
 
+class BurstSpec(StrictModel):
+    """Stragglers that come and go in bursts, (B, W, lambda)-bursty (Krishnan et al. 2023): in any
+    W consecutive rounds at most ``count`` (lambda) distinct workers straggle, each for bursts of at
+    most B rounds; a seeded pattern picks who straggles each round."""
+
+    burst: int = Field(default=2, ge=1, le=64, description="B: the longest burst of one straggler, in rounds")
+    window: int = Field(default=3, ge=2, le=64, description="W: the window the bound applies to, in rounds")
+    p_start: float = Field(default=0.3, gt=0.0, le=1.0, description="a clean worker starts straggling")
+    p_continue: float = Field(default=0.8, ge=0.0, le=1.0, description="a straggler keeps straggling")
+
+    @model_validator(mode="after")
+    def _burst_below_window(self) -> "BurstSpec":
+        if self.burst >= self.window:
+            raise ValueError(f"burst (B={self.burst}) must be below window (W={self.window})")
+        return self
+
+
 class StragglerSpec(_Chosen):
     delay: DelaySpec
+    bursts: BurstSpec | None = Field(
+        default=None, description="stragglers that change from round to round (count is lambda); "
+        "None: the same workers straggle every round")
+
+    @model_validator(mode="after")
+    def _bursts_need_count(self) -> "StragglerSpec":
+        if self.bursts is not None and self.ranks is not None:
+            raise ValueError("bursts: give count (lambda), not ranks: the pattern picks who straggles")
+        return self
 
 
 class KillSpec(StrictModel):

@@ -62,7 +62,7 @@ class RayPool:
 
     def submit(self, worker: int, round: int, items: list[WorkItem], weights: list[Any]) -> Any:
         delay = None if self.delay_fn is None else self.delay_fn(round, worker)
-        return self.actors[worker].compute_async.remote(items, *weights, delay_s=delay)
+        return self.actors[worker].compute_async.remote(items, *weights, delay_s=delay, round=round)
 
     def wait(self, handles: list[Any], num_returns: int, timeout: float | None) -> list[Any]:
         ready, _ = self.ray.wait(handles, num_returns=num_returns, timeout=timeout)
@@ -104,7 +104,7 @@ class LocalPool:
 
     def submit(self, worker: int, round: int, items: list[WorkItem], weights: list[Any]) -> Any:
         start = time.perf_counter()
-        out, info = self.workers[worker].compute(items, *weights)
+        out, info = self.workers[worker].compute(items, *weights, round=round)
         compute = time.perf_counter() - start if self.compute_s is None else self.compute_s
         delay = info["delay_s"] if self.delay_fn is None else self.delay_fn(round, worker)
         return _Pending(self.now + compute * (1 + 1e-3 * worker) + delay, (out, info))

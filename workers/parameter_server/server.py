@@ -265,7 +265,10 @@ def run_parameter_server(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, 
     try:
         server = ParameterServer(spec, layout, pool, logger)
         n_params = sum(p.numel() for p in server.model.parameters())
-        logger.metrics({"model/params": n_params, "model/trainable_params": server.flat_weights().numel()}, step=0)
+        # the load: the largest fraction of a step's data one worker computes per round (the papers')
+        load = float(layout.code.load) if layout.code is not None else 1.0 / layout.n_workers
+        logger.metrics({"model/params": n_params, "model/trainable_params": server.flat_weights().numel(),
+                        "ps/load": load}, step=0)
         logger.set_tags({"orchestra.world_size": str(layout.n_workers), "orchestra.ps.mode": layout.mode})
         model = server.train_model()
         save_final_model(logger, spec, model)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from service.spec import ExperimentSpec
-from workers.faults import Straggler, sample_delay_s
+from workers.faults import Straggler
 from workers.parameter_server.layout import Coeffs, WorkItem
 from workers.plan import RunPlan
 from workers.settings import setup_logging
@@ -154,10 +154,11 @@ class GradientWorker:
             acc[-1] += c * loss.to(self.wire)
         return acc.cpu()
 
-    def compute(self, items: list[WorkItem], *weights: torch.Tensor,
-                delay_s: float | None = None) -> tuple[list[torch.Tensor], dict[str, float]]:
+    def compute(self, items: list[WorkItem], *weights: torch.Tensor, delay_s: float | None = None,
+                round: int | None = None) -> tuple[list[torch.Tensor], dict[str, float]]:
         """``weights[i]``: the flat weights of ``items[i]``'s job (Ray resolves top-level refs).
-        ``delay_s`` replaces the spec's straggler delay (benchmarks replay a pattern)."""
+        ``delay_s`` replaces the spec's straggler delay (benchmarks replay a pattern); ``round``:
+        the server's round, which a bursty straggler pattern follows."""
         t0 = time.perf_counter()
         with self.lock:
             out = [self._message(job, coeffs, w) for (job, coeffs), w in zip(items, weights, strict=True)]
@@ -167,10 +168,9 @@ class GradientWorker:
             if self.sleep and delay > 0:
                 time.sleep(delay)
         elif self.sleep:
-            delay = self.straggler.delay()
-        else:  # simulated clock (tests): the same seeded delay stream, not slept
-            spec = self.straggler.spec
-            delay = sample_delay_s(spec.delay, self.straggler.rng) if self.straggler.active and spec else 0.0
+            delay = self.straggler.delay(round)
+        else:  # simulated clock: the same seeded delay stream, not slept
+            delay = self.straggler.draw(round)
         return out, {"compute_s": compute_s, "delay_s": delay}
 
 
@@ -185,9 +185,9 @@ class AsyncGradientWorker(GradientWorker):
         super().__init__(spec, rank, sizes, keep, wire, sleep=False)
         torch.set_num_threads(max(1, int(RunPlan.from_spec(spec).resources_per_worker.get("CPU", 1.0))))
 
-    async def compute_async(self, items: list[WorkItem], *weights: np.ndarray,
-                            delay_s: float | None = None) -> tuple[list[np.ndarray], dict[str, float]]:
-        out, info = self.compute(items, *(from_wire(w) for w in weights), delay_s=delay_s)
+    async def compute_async(self, items: list[WorkItem], *weights: np.ndarray, delay_s: float | None = None,
+                            round: int | None = None) -> tuple[list[np.ndarray], dict[str, float]]:
+        out, info = self.compute(items, *(from_wire(w) for w in weights), delay_s=delay_s, round=round)
         if info["delay_s"] > 0:
             await asyncio.sleep(info["delay_s"])
         return [to_wire(o) for o in out], info

@@ -29,7 +29,7 @@ def test_every_experiment_renders_to_a_valid_spec(name: str, quick: bool) -> Non
             validate_document(render(folder, entry, run_ids))
             if entry.key:
                 run_ids[entry.key] = f"run-{entry.key}"
-    paths = {p for c in manifest.claims for p in [*c.method, *c.within, *c.pair_by]}
+    paths = {p for c in manifest.claims for m in c.methods() for p in [*m, *c.within, *c.pair_by]}
     assert paths, "claims select trials by spec paths"
 
 

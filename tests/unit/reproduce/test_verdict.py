@@ -100,3 +100,17 @@ def test_numbers_written_differently_select_the_same_trials() -> None:
                               "baselines": [{"merge.method": "average"}]})
     res = judge(c, [merged("pleas", "1.0", 0.8), merged("pleas", "0.75", 0.1), merged("average", None, 0.5)])
     assert res.comparisons[0].n == 1 and res.comparisons[0].mean == pytest.approx(0.3)
+
+
+def test_a_gap_is_the_difference_of_two_metrics() -> None:
+    def run(opt: str, seed: int, ev: float, tr: float) -> TrialValues:
+        return TrialValues(params={"optimizer.name": opt, "train.seed": str(seed)},
+                           final={"eval/loss": ev, "train/loss": tr}, best={})
+
+    trials = [run("adazo_sam", s, 0.30, 0.20 + 0.001 * s) for s in range(3)] + \
+             [run("adamw", s, 0.40, 0.10) for s in range(3)]
+    c = Claim.model_validate({"statement": "smaller gap", "metric": "eval/loss - train/loss",
+                              "higher_is_better": False, "method": {"optimizer.name": "adazo_sam"},
+                              "baselines": [{"optimizer.name": "adamw"}], "pair_by": ["train.seed"]})
+    [cmp] = judge(c, trials).comparisons
+    assert cmp.mean == pytest.approx(0.3 - (0.1 - 0.001), abs=1e-9) and cmp.outcome == "better"

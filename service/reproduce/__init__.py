@@ -1,0 +1,1 @@
+"""Reproductions of papers' claims through the service: manifests, runs, verdicts."""
