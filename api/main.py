@@ -11,7 +11,7 @@ from sqlalchemy import text
 from api.deps import AppState
 from api.errors import BodySizeLimit, install_error_handlers
 from api.openapi import install_openapi
-from api.routes import audit, bundles, experiments, runs, system
+from api.routes import audit, bundles, experiments, progress, reports, runs, system
 from service.bundles import BundleStore
 from service.control import ControlLoop
 from service.db import engine_for, require_migrated, session_factory
@@ -84,7 +84,7 @@ def create_app(settings: Settings | None = None, *, launcher: Launcher | None = 
     install_openapi(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
                        larger={"/v1/bundles": settings.max_bundle_bytes})
-    for module in (system, experiments, runs, bundles, audit):
+    for module in (system, experiments, progress, runs, bundles, audit, reports):
         app.include_router(module.router)
     logging.getLogger("service").setLevel(logging.INFO)
     return app

@@ -13,6 +13,7 @@ import typer
 
 from service.client import ApiError, Client
 from service.embedded import APP_FACTORY  # the app named by string: the CLI never imports api/
+from service.watch import POLL_S, Bars, Lines, poll_progress, progress_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Orchestra: experiments on Ray, metrics in MLflow")
 db_app = typer.Typer(help="Database migrations")
@@ -155,21 +156,30 @@ def _final_report(client: Client, exp: dict[str, Any]) -> None:
 
 
 def _wait(client: Client, experiment_id: str) -> dict[str, Any]:
-    last = ""
-    start = time.monotonic()
-    while True:
-        exp = client.experiment(experiment_id)
-        line = f"[{time.monotonic() - start:6.1f}s] {exp['name']}: {exp['status']}"
-        if sys.stdout.isatty():
-            typer.echo("\r" + line.ljust(60), nl=False)
-        elif exp["status"] != last:
-            typer.echo(line)
-        last = exp["status"]
-        if exp["status"] in TERMINAL:
-            if sys.stdout.isatty():
-                typer.echo("")
-            return exp
-        time.sleep(1.0)
+    """Show each run's progress until every run is over (bars on a terminal, lines otherwise);
+    returns the experiment then. Ctrl-C stops watching, not the experiment."""
+    import httpx
+
+    failing_since: float | None = None
+    try:
+        with Bars() if sys.stdout.isatty() else Lines() as view:
+            while True:
+                body = poll_progress(client, experiment_id, failing_since)
+                if body is None:
+                    failing_since = failing_since or time.monotonic()
+                else:
+                    failing_since = None
+                    view.show(body)
+                    if all(r["status"] in TERMINAL for r in body["runs"]):
+                        break
+                time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        typer.echo(f"stopped watching; experiment {experiment_id} goes on (orchestra cancel stops it)", err=True)
+        raise typer.Exit(130) from None
+    except (ApiError, httpx.HTTPError) as exc:  # deleted meanwhile, or the API gone for good
+        typer.secho(f"watching experiment {experiment_id}: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    return client.experiment(experiment_id)
 
 
 def _submit_and_wait(client: Client, path: Path, code: Path | None = None) -> int:
@@ -202,6 +212,61 @@ def submit(file: Path, wait: Annotated[bool, typer.Option("--wait", help="wait f
     except ApiError as exc:
         _fail(str(exc), 2)
     _print_status(exp)
+
+
+@app.command()
+def reproduce(
+    name: Annotated[str, typer.Argument(help="a reproduction under examples/reproduce (flag, pleas, lowrank, "
+                                        "coding, peft, sam) or a folder with a reproduction.yaml")],
+    quick: Annotated[bool, typer.Option("--quick", help="the small version (a 2-core CPU machine)")] = False,
+    out: Annotated[Path, typer.Option(help="folder for the report")] = Path("reports"),
+    api: ApiOpt = None,
+    home: Annotated[Path, typer.Option(help="state folder of the stack started here (without --api)")] =
+        Path.home() / ".orchestra",
+    port: Annotated[int, typer.Option(help="API port of the stack started here (without --api)")] = 8000,
+) -> None:
+    """Submit a paper's experiments, wait, and write the report: each claim beside the measured
+    outcome and a verdict. Without --api, starts the embedded stack and stops it at the end."""
+    from service.reproduce.runner import load_manifest
+    from service.reproduce.runner import reproduce as run
+
+    try:
+        load_manifest(name)
+    except (ValueError, OSError) as exc:
+        _fail(f"reproduce: {exc}", 2)
+    try:
+        if api is not None:
+            run(name, _client(api), quick=quick, out=out, echo=typer.echo)
+        else:
+            from service.embedded import embedded_stack
+
+            with embedded_stack(home.expanduser().resolve(), port=port, echo=typer.echo) as stack:
+                run(name, stack.client, quick=quick, out=out, echo=typer.echo)
+    except (ApiError, RuntimeError, TimeoutError, ValueError) as exc:  # ValueError: a report it cannot make
+        _fail(f"reproduce {name}: {exc}")
+
+
+@app.command()
+def report(
+    experiments: Annotated[list[str], typer.Argument(help="experiment ids; the first one's MLflow run keeps the "
+                                                     "report as an artifact")],
+    metric: Annotated[list[str] | None, typer.Option("--metric", help="a metric (repeat); default: train/loss "
+                                                     "and the eval/ metrics logged")] = None,
+    group_by: Annotated[list[str] | None, typer.Option("--group-by", help="a spec path or block (repeat); "
+                                                       "default: what the sweep ranged over but the seed")] = None,
+    band: Annotated[str, typer.Option(help="the curves' band: std (mean +- std) or minmax")] = "std",
+    out: Annotated[Path | None, typer.Option(help="the HTML file (default: report-<id>.html)")] = None,
+    api: ApiOpt = None,
+) -> None:
+    """Write the comparison report of experiments (groups of trials over seeds) as one HTML page."""
+    try:
+        page = _client(api).report(experiments[0], metrics=metric or [], group_by=group_by or [],
+                                   also=experiments[1:], band=band)
+    except ApiError as exc:
+        _fail(f"report: {exc}", 2)
+    path = out or Path(f"report-{experiments[0]}.html")
+    path.write_text(page, encoding="utf-8")
+    typer.echo(str(path))
 
 
 @app.command("hash-token")
@@ -243,8 +308,10 @@ def list_(
 
 
 @app.command()
-def status(id: str, api: ApiOpt = None) -> None:
-    """Status of an experiment (or of a run, by run id)."""
+def status(id: str, watch: Annotated[bool, typer.Option("--watch", "-w", help="show each run's progress until "
+                                                       "every run is over; Ctrl-C stops watching")] = False,
+           api: ApiOpt = None) -> None:
+    """Status of an experiment (or of a run, by run id), with each run's progress."""
     client = _client(api)
     try:
         exp = client.experiment(id)
@@ -255,9 +322,19 @@ def status(id: str, api: ApiOpt = None) -> None:
             run = client.run(id)
         except ApiError:
             _fail(f"no experiment or run {id!r}", 1)
-        typer.echo(json.dumps(run, indent=1))
-        return
+        if not watch:
+            typer.echo(json.dumps(run, indent=1))
+            return
+        exp = client.experiment(run["experiment_id"])
+    if watch:
+        exp = _wait(client, exp["id"])
     _print_status(exp)
+    if not watch:
+        try:
+            for row in client.progress(exp["id"])["runs"]:
+                typer.echo(f"  run {row['run_id'][:8]}: {progress_text(row)}")
+        except ApiError:  # the progress is a bonus: the status above stands without it
+            pass
     for run in exp["runs"]:
         if run.get("error"):
             typer.echo(f"  run {run['id']} error: {run['error'].splitlines()[-1] if run['error'] else ''}")

@@ -116,6 +116,12 @@ class Client:
     def logs(self, run_id: str, tail: int = 200) -> dict[str, Any]:
         return self._json(self.http.get(f"/v1/runs/{run_id}/logs", params={"tail": tail}))  # type: ignore[no-any-return]
 
+    def progress(self, experiment_id: str) -> dict[str, Any]:
+        """Each run's status and progress (``step``, ``max_steps``, ``steps_per_s``, ``loss``,
+        ``eval_metric``/``eval_value``, ``eta_s``; a sweep's ``trials``), read from MLflow by the
+        API; a run's ``progress`` is None, with the ``reason``, while MLflow does not answer."""
+        return self._json(self.http.get(f"/v1/experiments/{experiment_id}/progress"))  # type: ignore[no-any-return]
+
     def cancel(self, experiment_id: str) -> dict[str, Any]:
         return self._json(self.http.post(f"/v1/experiments/{experiment_id}/cancel"))  # type: ignore[no-any-return]
 
@@ -155,6 +161,20 @@ class Client:
             return []
         history = MlflowClient(tracking_uri=self.info()["mlflow_tracking_uri"]).get_metric_history(mlflow_run, key)
         return sorted((int(m.step), float(m.value)) for m in history)
+
+    def report(self, experiment_id: str, *, metrics: list[str] | tuple[str, ...] = (),
+               group_by: list[str] | tuple[str, ...] = (), also: list[str] | tuple[str, ...] = (),
+               band: str = "std", timeout: float = 600.0) -> str:
+        """The comparison report of the experiment (with ``also``'s trials) as one HTML page;
+        ``group_by`` names spec paths or blocks. A few hundred trials take seconds, hence the
+        longer ``timeout``."""
+        params: list[tuple[str, str | int | float | bool | None]] = [
+            *(("metric", m) for m in metrics), *(("group_by", p) for p in group_by), *(("also", e) for e in also),
+            ("band", band)]
+        response = self.http.get(f"/v1/experiments/{experiment_id}/report", params=params, timeout=timeout)
+        if response.status_code >= 400:
+            self._json(response)  # raises ApiError with the API's message
+        return response.text
 
 
 def _spec_text(spec: Any, yaml: bool | None) -> tuple[str, bool]:

@@ -26,7 +26,7 @@ second under deepspeed, either may be named under both):
   decision: the result equals the full-vector rule (up to float summation order), with no
   ``n x d`` buffer anywhere. ``exact_shards=False`` instead decides per shard from the local Gram
   (no extra all-reduce; Krum may then pick a different worker per shard): a blockwise rule, not
-  the rule, measured against the exact one in ``bench/robust_cpu.py``.
+  the rule (its cosine to the exact one was measured on the digits task: 0.23-0.96 by rule and attack).
 
 With ZeRO 1/2 the optimizer only needs its own partition of the gradient; the final all-gather is
 kept because the loop hands a full ``p.grad`` to the engine.

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import html
 import math
+import statistics
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,36 +80,19 @@ def trial_values(mlflow_uri: str, experiments: list[dict[str, Any]], claims: lis
     metrics' final values and, for the claims that ask, their best and mean over the history."""
     from mlflow.tracking import MlflowClient
 
+    from service.report.data import find_trials, load_histories
+    from service.report.publish import mlflow_run_ids
+
     client = MlflowClient(tracking_uri=mlflow_uri)
-    parents = [r["mlflow_run_id"] for e in experiments for r in e["runs"] if r.get("mlflow_run_id")]
-    runs: list[Any] = []
-    for parent in parents:
-        exp_id = client.get_run(parent).info.experiment_id
-        children: list[Any] = []
-        token = None
-        while True:  # bounded by the number of trials: pages of up to 1000
-            page = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'",
-                                      max_results=1000, page_token=token)
-            children += list(page)
-            token = page.token
-            if not token:
-                break
-        runs += children or [client.get_run(parent)]
-    wanted = {(name, c.higher_is_better) for c in claims if c.stat != "final" for name in c.metric.split(" - ")}
-
-    def history(run: Any) -> tuple[dict[str, float], dict[str, float]]:
-        best, mean = {}, {}
-        for metric, higher in wanted:
-            values = [m.value for m in client.get_metric_history(run.info.run_id, metric) if math.isfinite(m.value)]
-            if values:
-                best[metric] = max(values) if higher else min(values)
-                mean[metric] = sum(values) / len(values)
-        return best, mean
-
-    with ThreadPoolExecutor(8) as pool:
-        extra = list(pool.map(history, runs))
-    return [TrialValues(params=dict(run.data.params), final=dict(run.data.metrics), best=b, mean=m)
-            for run, (b, m) in zip(runs, extra, strict=True)]
+    trials = find_trials(client, mlflow_run_ids(experiments))
+    wanted = {name: c.higher_is_better for c in claims if c.stat != "final" for name in c.metric.split(" - ")}
+    trials = load_histories(client, trials, sorted(wanted))
+    out = []
+    for t in trials:
+        best = {m: t.best(m, "max" if higher else "min") for m, higher in wanted.items() if t.history.get(m)}
+        mean = {m: statistics.fmean(v for _, v in t.history[m]) for m in wanted if t.history.get(m)}
+        out.append(TrialValues(params=t.params, final=dict(t.latest), best=best, mean=mean))
+    return out
 
 
 def claims_html(manifest: Manifest, results: list[ClaimResult], *, quick: bool) -> str:
@@ -157,3 +140,40 @@ def judge_all(manifest: Manifest, trials: list[TrialValues]) -> list[ClaimResult
 def load_manifest(name: str) -> tuple[Manifest, Path]:
     folder = find(name)
     return load(folder), folder
+
+
+def reproduce(name: str, client: Client, *, quick: bool, out: Path, echo: Callable[[str], None] = print,
+              poll_s: float = 2.0) -> Outcome:
+    """Run the reproduction ``name`` through the API at ``client``; write its report under ``out``."""
+    manifest, folder = load_manifest(name)
+    start = time.monotonic()
+    echo(f"reproduce {manifest.name} ({'quick' if quick else 'full'}): {manifest.needs['quick' if quick else 'full']}")
+    seen: dict[str, str] = {}
+
+    def progress(exps: list[dict[str, Any]]) -> None:  # a line when an experiment's status changes
+        for e in exps:
+            if seen.get(e["id"]) != e["status"]:
+                seen[e["id"]] = e["status"]
+                echo(f"[{time.monotonic() - start:6.0f}s] {e['name']}: {e['status']}")
+
+    def wait(c: Client, ids: list[str]) -> list[dict[str, Any]]:
+        return wait_for(c, ids, timeout_s=WAIT_LIMIT_S[quick], poll_s=poll_s, progress=progress)
+
+    experiments = run_stages(manifest, folder, client, quick=quick, wait=wait)
+    mlflow_uri = client.info()["mlflow_tracking_uri"]
+    trials = trial_values(mlflow_uri, experiments, manifest.claims)
+    results = judge_all(manifest, trials)
+    from service.report.publish import publish_report
+    from service.report.stats import Mode
+
+    out.mkdir(parents=True, exist_ok=True)
+    modes: dict[str, Mode] = {m: "max" if c.higher_is_better else "min"  # "best" as the claims read it
+                              for c in manifest.claims for m in c.metric.split(" - ")}
+    path = publish_report(mlflow_uri, experiments, metrics=manifest.report.metrics, modes=modes,
+                          group_by=manifest.report.group_by, title=f"Reproduction: {manifest.title}",
+                          sections=[("Claims and verdicts", claims_html(manifest, results, quick=quick))],
+                          out=out / f"reproduce-{manifest.name}{'-quick' if quick else ''}.html")
+    for i, res in enumerate(results, 1):
+        echo(f"claim {i}: {res.verdict} ({res.reason})")
+    echo(f"report: {path}")
+    return Outcome(manifest, experiments, results, path, time.monotonic() - start)

@@ -103,6 +103,29 @@ def test_bad_spec_is_refused_by_the_cli(up: Up, tmp_path: Path) -> None:
     assert len(httpx.get(f"{up.api}/v1/experiments").json()["items"]) == before
 
 
+def test_reproduce_runs_the_stages_and_writes_the_verdicts(up: Up, tmp_path: Path) -> None:
+    """Two stages (the merge names the models of the first by their run ids), a report with the
+    claim's verdict, and the same page on the comparison's MLflow parent run."""
+    out = _orchestra("reproduce", str(ROOT / "tests" / "data" / "reproduce" / "tiny"), "--quick",
+                     "--out", str(tmp_path), api=up.api, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    # one pair of models: no interval, so the verdict cannot be more than inconclusive
+    assert "claim 1: inconclusive" in out.stdout
+    page = (tmp_path / "reproduce-tiny-quick.html").read_text()
+    assert "Claims and verdicts" in page and "PLeaS beats averaging" in page
+    assert page.count("<img") >= 2 and "data:image/png;base64," in page
+    merges = next(e for e in httpx.get(f"{up.api}/v1/experiments").json()["items"] if e["name"] == "tiny-merges")
+    models = [e for e in httpx.get(f"{up.api}/v1/experiments").json()["items"] if e["name"].startswith("tiny-input")]
+    assert len(models) == 2 and all(e["status"] == "succeeded" for e in [merges, *models])
+    info = httpx.get(f"{up.api}/v1/info").json()
+    client = MlflowClient(tracking_uri=info["mlflow_tracking_uri"])
+    parent = httpx.get(f"{up.api}/v1/experiments/{merges['id']}").json()["runs"][0]["mlflow_run_id"]
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(c.data.params["merge.method"] for c in children) == ["average", "pleas"]
+    assert [a.path for a in client.list_artifacts(parent, "report")] == ["report/report.html"]
+
+
 def test_cancel_then_ctrl_c_stops_everything(up: Up, tmp_path: Path) -> None:
     spec = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
     spec["name"] = "long-run"
