@@ -31,6 +31,20 @@ def set_path(doc: dict[str, Any], path: str, value: Any) -> None:
     node[leaf] = value
 
 
+GROUP_TAG = "orchestra.group"  # what MLflow's UI can group and filter trials by, as the reports do
+SEED_PATH = "train.seed"
+
+
+def group_label(values: dict[str, Any]) -> str:
+    """A trial's group: its sampled values but the seed, ``path=value`` joined by ``; `` (a block's
+    value as its compact JSON), so that seeds of one configuration share a label."""
+    import json
+
+    parts = [f"{path}={json.dumps(v, sort_keys=True, separators=(',', ':')) if isinstance(v, dict | list) else v}"
+             for path, v in sorted(values.items()) if path != SEED_PATH]
+    return "; ".join(parts)[:5000] or "all"  # MLflow tag values are bounded
+
+
 def search_space(sweep: SweepSpec) -> dict[str, Any]:
     from ray import tune
 
@@ -168,7 +182,8 @@ def run_sweep(spec: ExperimentSpec, *, run_id: str, mlflow_uri: str, mlflow_run_
             ctx = tune.get_context()
             child = client.create_run(experiment_id, run_name=f"{spec.name}-{ctx.get_trial_name()}",
                                       tags={"mlflow.parentRunId": mlflow_run_id, "orchestra.run_id": run_id,
-                                            "orchestra.trial": ctx.get_trial_id()})
+                                            "orchestra.trial": ctx.get_trial_id(),
+                                            GROUP_TAG: group_label(values)})
             child_id = child.info.run_id
             for path, value in values.items():
                 client.log_param(child_id, f"sweep.{path}", value)

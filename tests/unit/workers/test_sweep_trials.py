@@ -26,3 +26,15 @@ def test_trials_derive_their_own_values_from_the_submitted_spec() -> None:
         assert stale.derived().eval_every == 100
     written = {**SUBMITTED, "train": {**SUBMITTED["train"], "eval_every": 20}}
     assert trial_spec(written, {"train.max_steps": 400}).derived().eval_every == 20  # the user's own value stays
+
+
+def test_a_trials_group_is_its_values_but_the_seed() -> None:
+    from workers.sweep import group_label
+
+    a = group_label({"distributed.aggregator": {"name": "flag", "f": 3}, "train.seed": 0,
+                     "faults.byzantine.attack": {"name": "alie"}})
+    b = group_label({"train.seed": 7, "faults.byzantine.attack": {"name": "alie"},
+                     "distributed.aggregator": {"f": 3, "name": "flag"}})
+    assert a == b == 'distributed.aggregator={"f":3,"name":"flag"}; faults.byzantine.attack={"name":"alie"}'
+    assert group_label({"train.seed": 1}) == "all"
+    assert group_label({"optimizer.lr": 0.1}) != group_label({"optimizer.lr": 0.2})
