@@ -24,8 +24,19 @@ exchange; then rank 0 times the rules. Run alone, it says that the collectives w
     python bench/gpu_aggregation.py --gram-sweep --sizes 25e6 100e6          # the kernels' settings vs torch
 
 ``--gram bmm`` times the rules with torch's path instead of the Triton kernels of
-``algorithms.aggregation.row_kernels`` (cuBLAS bmm for the Gram, matmul for the combination; same GPU,
-same rows).
+``algorithms.aggregation.row_kernels`` and ``order_kernels`` (cuBLAS bmm for the Gram, matmul for the
+combination, torch's sort for the order statistics; same GPU, same rows).
+
+``--order-stats`` times the order-statistic rules (median, trimmed mean, Bulyan; f = 3) with the
+kernels and with torch's path, checks that both give the same bits, and prints each against the
+all-reduce of the same size: measured under ``torchrun`` on 2 GPUs, otherwise the figure recorded in
+bench/RESULTS.md (2 x H200) for 25M and 100M, or ``--allreduce-ms``. Then Bulyan's parts (the
+centred Gram, the plan on the CPU, the coordinate step) and each kernel alone, in GB/s of rows read.
+``--order-sweep`` times the kernels' launch settings. These modes import no pydantic, scipy or Ray:
+
+    python bench/gpu_aggregation.py --order-stats --sizes 25e6 100e6 --reps 10
+    torchrun --nproc_per_node 2 bench/gpu_aggregation.py --order-stats --sizes 25e6 100e6 --reps 10
+    python bench/gpu_aggregation.py --order-sweep --sizes 25e6 100e6
 """
 
 from __future__ import annotations
@@ -50,14 +61,32 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algorithms.aggregation import row_kernels  # noqa: E402
-from algorithms.aggregation.registry import build  # noqa: E402
+from algorithms.aggregation import order_kernels, row_kernels  # noqa: E402
+from algorithms.aggregation.base import Rule, chunks  # noqa: E402
+from algorithms.aggregation.coordinate import Median, TrimmedMean  # noqa: E402
+from algorithms.aggregation.krum import Bulyan  # noqa: E402
 
 RULES: list[tuple[str, dict[str, Any]]] = [
     ("mean", {}), ("median", {"f": 3}), ("trimmed_mean", {"f": 3}), ("krum", {"f": 3}),
     ("multi_krum", {"f": 3}), ("bulyan", {"f": 3}), ("geometric_median", {"f": 3}),
     ("flag", {"f": 3}), ("flag", {"f": 3, "max_iter": 1}),
 ]
+
+
+# The order-statistic rules, their goals (x the all-reduce of the same size, on one H200) and the all-reduce
+# recorded in bench/RESULTS.md (`torchrun --nproc_per_node 2 bench/gpu_aggregation.py --sizes 25e6 100e6
+# --reps 20`, 2 x H200, 2026-11-26), used when this process cannot measure it.
+ORDER_RULES: list[tuple[str, type[Rule], float]] = [("median", Median, 3.0), ("trimmed_mean", TrimmedMean, 3.0),
+                                                   ("bulyan", Bulyan, 6.0)]
+RECORDED_ALLREDUCE_MS = {25_000_000: 0.38, 100_000_000: 1.37}
+
+
+def build(name: str, **params: Any) -> Rule:
+    """A rule from its spec name, through the registry (which needs pydantic, as the spec does: the
+    ``--order-*`` modes build their rules directly and run without it)."""
+    from algorithms.aggregation.registry import build as build_rule
+
+    return build_rule(name, **params)
 
 
 def sync(device: torch.device) -> None:
@@ -124,19 +153,22 @@ def load_reference(path: Path) -> Callable[..., torch.Tensor]:
 
 
 # --- collectives under torchrun -----------------------------------------------------------------
-def bench_collectives(sizes: list[int], device: torch.device, reps: int) -> list[str]:
+def bench_collectives(sizes: list[int], device: torch.device, reps: int) -> tuple[list[str], dict[int, float]]:
+    """The table of the collectives (rank 0; empty elsewhere) and the all-reduce's ms per size."""
     world, rank = dist.get_world_size(), dist.get_rank()
     lines = [f"\n### Collectives on {world} x {device_name(device)} (fp32, median of {reps})\n",
              "| d | all_reduce (mean) ms | all_to_all + all_gather (shard exchange) ms | "
              "all_gather (gather exchange) ms |", "|---|---|---|---|"]
+    all_reduce_ms = {}
     for d in sizes:
-        lines.append(_collective_row(d, world, device, reps))
+        row, all_reduce_ms[d] = _collective_row(d, world, device, reps)
+        lines.append(row)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return lines if rank == 0 else []
+    return (lines if rank == 0 else []), all_reduce_ms
 
 
-def _collective_row(d: int, world: int, device: torch.device, reps: int) -> str:
+def _collective_row(d: int, world: int, device: torch.device, reps: int) -> tuple[str, float]:
     d_pad = -(-d // world) * world
     x = torch.randn(d_pad, device=device)
     recv = torch.empty_like(x)
@@ -155,13 +187,15 @@ def _collective_row(d: int, world: int, device: torch.device, reps: int) -> str:
         dist.all_gather_into_tensor(out_gather, x)
 
     row = [f"{d / 1e6:g}M"]
+    slowest = []
     for fn in (all_reduce, shard_exchange, gather_exchange):
         dist.barrier()
         ms, _ = timed(fn, device, reps, warmup=2)
         t = torch.tensor([ms], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        slowest.append(float(t))
         row.append(f"{float(t):.2f}")
-    return "| " + " | ".join(row) + " |"
+    return "| " + " | ".join(row) + " |", slowest[0]
 
 
 def _rules_for_size(x: torch.Tensor, f: int, reps: int, ref_reps: int,
@@ -301,6 +335,119 @@ def _combine_rows(x: torch.Tensor, reps: int) -> None:
         print(f"{cfg} - | - | - | {ms:.3f} | {gigabytes / ms * 1e3:.0f} | {diff:.1e} |", flush=True)
 
 
+# --- the order-statistic rules: kernels against torch's sort and against the all-reduce ------------
+def order_stats(sizes: list[int], n: int, device: torch.device, reps: int, all_reduce: dict[int, float],
+                measured: bool) -> None:
+    """Each order-statistic rule (f = 3) with the kernels and with torch's path: ms, x the all-reduce,
+    the goal, the speed-up, and whether both paths gave the same bits; then Bulyan's parts and each
+    kernel alone (GB/s of the rows it reads)."""
+    source = "measured here" if measured else "recorded in bench/RESULTS.md (2 x H200) or --allreduce-ms"
+    print(f"\n### Order statistics, n = {n}, on {device_name(device)} (fp32, f = 3, median of {reps}); "
+          f"all-reduce {source}\n")
+    print("| rule | d | kernels ms | x all-reduce | goal | torch ms | x all-reduce | torch / kernels | same bits |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    parts: list[str] = []
+    for d in sizes:
+        x = grads(n, d, device)
+        ar = all_reduce.get(d)
+        for name, cls, goal in ORDER_RULES:
+            rule = cls(f=3)
+            run = functools.partial(rule, x)
+            ms, out = timed(run, device, reps)
+            ms_torch, out_torch = _torch_path(run, device, max(2, reps // 2))  # torch's Bulyan: 1/4 s at 100M
+            if isinstance(rule, Bulyan):
+                out, out_torch = _bulyan_steps(rule, x)
+            same = bool(torch.equal(out.isnan(), out_torch.isnan())
+                        and torch.equal(out.nan_to_num(), out_torch.nan_to_num()))
+            ratio, ratio_torch = (f"{ms / ar:.2f}", f"{ms_torch / ar:.1f}") if ar else ("-", "-")
+            verdict = "" if not ar else (" (met)" if ms / ar <= goal else " (missed)")
+            print(f"| {name} | {d / 1e6:g}M | {ms:.3f} | {ratio}{verdict} | {goal:g}x | {ms_torch:.2f} | "
+                  f"{ratio_torch} | {ms_torch / ms:.0f}x | {'yes' if same else 'NO'} |", flush=True)
+            del run, out, out_torch
+        parts += _order_parts(x, reps)
+        del x
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print("\n| part | d | ms | GB/s |\n|---|---|---:|---:|")
+    print("\n".join(parts))
+
+
+def _bulyan_steps(rule: Bulyan, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bulyan's coordinate step for one plan, with the kernel and with torch's path (block by block, as
+    the rule runs it). Its two paths also compute the Gram matrix differently (fp32 rounding), which may
+    choose other rows where two Krum scores nearly tie: the bits are compared for the same rows."""
+    plan = rule.plan(rule.stats(x), x.shape[0])
+    with_kernel = rule.apply(plan, x)[0]
+    enabled, row_kernels.ENABLED = row_kernels.ENABLED, False
+    try:
+        torch_path = torch.cat([rule.apply(plan, x[:, s:e])[0] for s, e in chunks(x.shape[1], rule.chunk)])
+    finally:
+        row_kernels.ENABLED = enabled
+    return with_kernel, torch_path
+
+
+def _order_parts(x: torch.Tensor, reps: int) -> list[str]:
+    """Bulyan's three steps (the centred Gram over the rule's blocks, kernels and bmm; the plan on the
+    CPU; the coordinate step over all of ``d``), and the median and trimmed-mean kernels alone."""
+    n, d = x.shape
+    rule = Bulyan(f=3)
+    rows_gb = x.numel() * x.element_size() / 1e9
+
+    def stats() -> torch.Tensor:
+        total = None
+        for s, e in chunks(d, rule.chunk):
+            part = rule.stats(x[:, s:e])
+            assert part is not None
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
+    label = f"{d / 1e6:g}M"
+    ms_gram, g = timed(stats, x.device, reps)
+    ms_bmm, g_bmm = _torch_path(stats, x.device, reps)
+    ms_plan, plan = timed(lambda: rule.plan(g, n), torch.device("cpu"), reps)
+    same_plan = "the same rows" if torch.equal(plan, rule.plan(g_bmm, n)) else "OTHER rows (a near tie)"
+    selected_gb = rows_gb * len(plan) / n
+    ms_step, _ = timed(lambda: order_kernels.bulyan_triton(x, plan, rule.f), x.device, reps)
+    ms_median, _ = timed(lambda: order_kernels.median_triton(x), x.device, reps)
+    ms_trimmed, _ = timed(lambda: order_kernels.trimmed_mean_triton(x, 3), x.device, reps)
+    return [f"| bulyan: centred Gram, kernels (mean pass + Gram pass) | {label} | {ms_gram:.3f} | "
+            f"{2 * rows_gb / ms_gram * 1e3:.0f} |",
+            f"| bulyan: centred Gram, torch (bmm) | {label} | {ms_bmm:.3f} | {2 * rows_gb / ms_bmm * 1e3:.0f} |",
+            f"| bulyan: plan (recursive Krum, CPU); from the bmm Gram: {same_plan} | {label} | {ms_plan:.3f} | - |",
+            f"| bulyan: coordinate step kernel ({len(plan)} rows) | {label} | {ms_step:.3f} | "
+            f"{selected_gb / ms_step * 1e3:.0f} |",
+            f"| median kernel | {label} | {ms_median:.3f} | {rows_gb / ms_median * 1e3:.0f} |",
+            f"| trimmed mean kernel | {label} | {ms_trimmed:.3f} | {rows_gb / ms_trimmed * 1e3:.0f} |"]
+
+
+def order_sweep(sizes: list[int], n: int, device: torch.device, reps: int) -> None:
+    """The order kernels' launch settings: columns per program and warps (the default first)."""
+    print("| kernel | n | d | block | warps | ms | GB/s |\n| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    selected = torch.arange(n - 6)  # Bulyan's theta = n - 2f rows at f = 3
+    kernels: list[tuple[str, Callable[..., torch.Tensor]]] = [
+        ("median", order_kernels.median_triton),
+        ("trimmed_mean", functools.partial(order_kernels.trimmed_mean_triton, f=3)),
+        ("bulyan step", functools.partial(order_kernels.bulyan_triton, rows=selected, f=3))]
+    for d in sizes:
+        x = grads(n, d, device)
+        for (name, fn), warps, per_thread in itertools.product(kernels, (4, 8), (None, 1, 2, 4, 8)):
+            rows = len(selected) if name == "bulyan step" else n
+            block = None if per_thread is None else per_thread * 32 * warps
+            shown = block or order_kernels.block_for(rows, warps)
+            try:
+                ms, _ = timed(functools.partial(fn, x, block=block, num_warps=warps), device, reps)
+            except Exception as exc:  # noqa: BLE001 - a setting the compiler refuses is a row
+                print(f"| {name} | {n} | {d / 1e6:g}M | {shown} | {warps} | failed: {type(exc).__name__} | |")
+                continue
+            gigabytes = rows * d * x.element_size() / 1e9
+            print(f"| {name} | {n} | {d / 1e6:g}M | {shown} | {warps} | {ms:.3f} | {gigabytes / ms * 1e3:.0f} |",
+                  flush=True)
+        del x
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
@@ -318,12 +465,18 @@ def main() -> None:
     ap.add_argument("--gram-sweep", action="store_true",
                     help="time the kernels' settings against torch (n = 2, 4, 16 unless --n is given) and stop")
     ap.add_argument("--gram", choices=["kernel", "bmm"], default="kernel",
-                    help="the rules' Gram and combination on a GPU: the Triton kernels (where Triton imports) or "
-                         "torch's bmm and matmul")
+                    help="the rules' Gram, combination and order statistics on a GPU: the Triton kernels (where "
+                         "Triton imports) or torch's bmm, matmul and sort")
+    ap.add_argument("--order-stats", action="store_true",
+                    help="median, trimmed mean and Bulyan: kernels against torch's path and the all-reduce, then stop")
+    ap.add_argument("--order-sweep", action="store_true", help="the order kernels' launch settings, then stop")
+    ap.add_argument("--allreduce-ms", type=float, nargs="+", default=None,
+                    help="--order-stats without torchrun: the all-reduce's ms for each of --sizes "
+                         f"(default: {RECORDED_ALLREDUCE_MS} from bench/RESULTS.md)")
     args = ap.parse_args()
     row_kernels.ENABLED = args.gram == "kernel"
     kernels = "Triton kernels" if row_kernels.ENABLED and row_kernels.triton else "torch"
-    print(f"Gram and combination on a GPU: {kernels}", flush=True)
+    print(f"Gram, combination and order statistics on a GPU: {kernels}", flush=True)
     if args.quick:
         args.sizes, args.reps, args.ref_reps = [2e4, 1e5], 2, 1
     sizes = [int(s) for s in args.sizes]
@@ -336,6 +489,9 @@ def main() -> None:
     if args.profile:
         profile(args.profile, sizes, args.n, torch.device(args.device), args.reps)
         return
+    if args.order_sweep:
+        order_sweep(sizes, args.n, torch.device(args.device), args.reps)
+        return
     world = int(os.environ.get("WORLD_SIZE", "1"))
     lines: list[str] = []
     if world > 1:
@@ -344,7 +500,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        lines += bench_collectives(sizes, device, args.reps)
+        collectives, all_reduce = bench_collectives(sizes, device, args.reps)
+        lines += collectives
         rank = dist.get_rank()
         dist.destroy_process_group()
         if rank != 0:
@@ -354,6 +511,11 @@ def main() -> None:
         lines.append("\nCollectives: not measured (one process; launch with "
                      "`torchrun --nproc_per_node 2 bench/gpu_aggregation.py ...` on 2 GPUs for the all_reduce "
                      "of the same size).")
+        all_reduce = dict(zip(sizes, args.allreduce_ms, strict=True)) if args.allreduce_ms else RECORDED_ALLREDUCE_MS
+    if args.order_stats:
+        print("\n".join(lines))
+        order_stats(sizes, args.n, device, args.reps, all_reduce, measured=world > 1)
+        return
     reference = load_reference(args.ref_path) if args.ref_path else None
 
     n, f = args.n, 3

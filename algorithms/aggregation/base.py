@@ -61,11 +61,13 @@ def gram(block: Tensor, centered: bool) -> Tensor:
     ``centered`` subtracts the workers' mean from each coordinate first (the pairwise distances,
     which are all Krum and Weiszfeld need, are unchanged by it, and the cancellation in
     ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j`` is avoided). Per-coordinate centring is additive over blocks.
-    The raw Gram of a CUDA block takes the Triton kernel of :mod:`algorithms.aggregation.row_kernels`
-    when it can (same products in fp32, about twice cuBLAS's speed for this shape); the rest, bmm.
+    A CUDA block takes the Triton kernel of :mod:`algorithms.aggregation.row_kernels` when it can (same
+    products in fp32, about twice cuBLAS's speed for this shape; centred, one more pass for the mean
+    instead of writing and reading a centred copy); the rest, bmm.
     """
-    if not centered and row_kernels.available(block):
-        return row_kernels.gram_triton(block)  # one pass over the block (Flag's raw Gram on a GPU)
+    if row_kernels.available(block):
+        center = row_kernels.mean_triton(block) if centered else None
+        return row_kernels.gram_triton(block, center=center)
     x = block if block.dtype == torch.float64 else block.float()
     if centered:
         x = x - x.mean(dim=0, keepdim=True)
@@ -120,6 +122,11 @@ class Rule:
     def plan(self, stats: Tensor | None, n: int) -> Any:
         return None
 
+    def applies_whole(self, grads: Tensor) -> bool:
+        """Whether ``apply`` without the mass takes all of ``grads`` in one call (no temporary of the
+        block's size), instead of block by block: ``apply_whole``, or what the rule's GPU path allows."""
+        return self.apply_whole
+
     def apply(self, plan: Any, block: Tensor, with_mass: bool = False) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
 
@@ -136,7 +143,7 @@ class Rule:
                 assert part is not None
                 stats = part if stats is None else stats + part
         plan = self.plan(stats, n)
-        if d <= self.chunk or (self.apply_whole and not with_mass):
+        if d <= self.chunk or (not with_mass and self.applies_whole(grads)):
             value, mass = self.apply(plan, grads, with_mass)
             return AggResult(value, mass)
         value = torch.empty(d, dtype=grads.dtype, device=grads.device)
@@ -169,6 +176,21 @@ class LinearRule(Rule):
         if with_mass:
             mass = plan.to(block.device).abs() * block.abs().sum(dim=1, dtype=torch.float64)
         return value, mass
+
+
+def ordered_mean(rows: Tensor | Sequence[Tensor]) -> Tensor:
+    """The mean of ``rows`` (``k`` tensors of one shape, or a ``[k, ...]`` tensor) as the order-statistic
+    kernels compute it: added one after the other in the given order, in fp32 (float64 for float64
+    rows), divided once by ``k`` (true division: a divisor on the device, since torch's CUDA division
+    by a Python number multiplies by its reciprocal), rounded to the rows' dtype. torch's ``mean``
+    reduces in an order of its own, which differs between CPU and CUDA; this order is the one both
+    paths can share, bit for bit."""
+    dtype = rows[0].dtype
+    acc = rows[0].to(torch.float64 if dtype == torch.float64 else torch.float32, copy=True)
+    for row in rows[1:]:
+        acc.add_(row)
+    count = acc.new_full((), len(rows))  # filled on the device: no copy from the host
+    return (acc / count).to(dtype)
 
 
 def coefficient_mass(block: Tensor, picked_rows: Tensor, weights: Tensor | float, n: int) -> Tensor:

@@ -12,8 +12,16 @@ in registers (``RB x RB`` fp32 fused multiply-adds per column, each thread holdi
 columns), reducing over the coordinates once, at the end of its stretch. The programs of one
 stretch are adjacent in the launch order, so the second read of a row block comes from L2, not
 memory. The ``RB x RB`` fp32 partials are summed in float64, as the bmm path sums its
-``GRAM_SPLIT``-long pieces, so the two agree to fp32 rounding. Raw Gram only: the centred Gram of
-the distance-based rules keeps the bmm path.
+``GRAM_SPLIT``-long pieces, so the two agree to fp32 rounding.
+
+The centred Gram of the distance-based rules (Krum, Multi-Krum, Bulyan, the geometric median) is the
+same kernel with a centre subtracted from every row as it is loaded: the rows' mean, from one
+combination pass (:func:`mean_triton`). The bmm path writes the centred block to memory and reads
+it again: the geometric median, whose time is nearly all that, took 4.2 / 17.6 ms at n = 16,
+d = 25M / 100M on an H200, against 0.9 / 3.1 ms for the raw Gram kernel (bench/RESULTS.md), and
+Bulyan's goal is six 2-GPU all-reduces (2.3 / 8.2 ms) for the whole rule. The centre only
+conditions the products (distances, and the affine combinations the rules take, are the same for
+any centre), so the mean need not be torch's to the last bit.
 
 **Combination.** ``sum_i c_i x_i`` with the coefficients in fp32: one program per ``BLOCK_C``
 columns walks the ``n`` rows (unrolled, ``n`` a compile-time constant) with wide loads; cuBLAS's
@@ -42,7 +50,7 @@ try:
 except ImportError:  # the CPU-only install may lack Triton: the rules use torch's bmm and matmul
     pass
 
-ENABLED = True  # the benchmarks turn this off to time torch's path on the same GPU
+ENABLED = True  # False: torch's path on a GPU too (benchmarks and tests compare); order_kernels obeys it too
 MAX_ROWS = 64
 # The defaults won `bench/gpu_aggregation.py --gram-sweep` on an H200 (2026-11-26): for n = 16 the Gram
 # takes 0.89 / 3.12 ms at d = 25M / 100M (1.8-2.0 TB/s; cuBLAS bmm 1.60 / 5.86 ms; bench/RESULTS.md); n = 2 and 4 read
@@ -59,9 +67,9 @@ def available(x: Tensor) -> bool:
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
-def _gram_pair_partials(x_ptr, out_ptr, block_a_ptr, block_b_ptr, n, length, stride_row, pairs,  # type: ignore[no-untyped-def]
+def _gram_pair_partials(x_ptr, c_ptr, out_ptr, block_a_ptr, block_b_ptr, n, length, stride_row, pairs,  # type: ignore[no-untyped-def]
                         RB: tl.constexpr, BLOCK: tl.constexpr, SPAN: tl.constexpr,
-                        MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+                        MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr, CENTER: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     pair = pid % pairs  # the pairs of one stretch run side by side: the re-read row block hits L2
     stretch = pid // pairs
@@ -83,7 +91,16 @@ def _gram_pair_partials(x_ptr, out_ptr, block_a_ptr, block_b_ptr, n, length, str
         else:
             xa = tl.load(base_a[:, None] + cols[None, :])
             xb = tl.load(base_b[:, None] + cols[None, :])
-        acc += xa.to(tl.float32)[:, None, :] * xb.to(tl.float32)[None, :, :]
+        xa = xa.to(tl.float32)
+        xb = xb.to(tl.float32)
+        if CENTER:  # padded rows become -c: their products land in entries that are never read
+            if MASK_COLS:
+                c = tl.load(c_ptr + cols, mask=cols < length, other=0.0).to(tl.float32)
+            else:
+                c = tl.load(c_ptr + cols).to(tl.float32)
+            xa = xa - c[None, :]
+            xb = xb - c[None, :]
+        acc += xa[:, None, :] * xb[None, :, :]
     part = tl.sum(acc, axis=2)
     i = tl.arange(0, RB)
     out = out_ptr + pid * RB * RB + i[:, None] * RB + i[None, :]
@@ -123,8 +140,9 @@ def _tables_for(n: int, rb: int, device: torch.device) -> tuple[Tensor, Tensor, 
 
 
 def gram_triton(x: Tensor, row_block: int = ROW_BLOCK, block: int = BLOCK, span: int = SPAN,
-                num_warps: int = NUM_WARPS, num_stages: int | None = None) -> Tensor:
-    """``x @ x.T`` as float64 on ``x``'s device (products and per-program sums in fp32)."""
+                num_warps: int = NUM_WARPS, num_stages: int | None = None, center: Tensor | None = None) -> Tensor:
+    """``x @ x.T`` as float64 on ``x``'s device (products and per-program sums in fp32); with ``center``
+    (``[d]``), the Gram matrix of the rows ``x_i - center``, each subtracted in fp32 as it is loaded."""
     global last_launch
     assert _kernel is not None, "Triton is not installed"
     assert x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS, f"expected [0 < n <= {MAX_ROWS}, d], got {tuple(x.shape)}"
@@ -132,6 +150,9 @@ def gram_triton(x: Tensor, row_block: int = ROW_BLOCK, block: int = BLOCK, span:
     if x.shape[1] and x.stride(1) != 1:
         x = x.contiguous()
     n, length = x.shape
+    if center is not None:
+        assert center.shape == (length,) and center.device == x.device, "center must be [d] on x's device"
+        center = center.contiguous()
     rb = row_block_for(n, row_block)
     block_a, block_b, where = _tables_for(n, rb, x.device)
     pairs = block_a.numel()
@@ -140,15 +161,18 @@ def gram_triton(x: Tensor, row_block: int = ROW_BLOCK, block: int = BLOCK, span:
                         device=x.device)
     extra = {} if num_stages is None else {"num_stages": num_stages}
     masked_rows = n % rb != 0
+    c = center if center is not None else x  # not read without CENTER
     with _on_device(x):
         if full:  # whole stretches: no column mask
-            last_launch = _kernel[(full * pairs,)](x, parts, block_a, block_b, n, full * span, x.stride(0), pairs,
+            last_launch = _kernel[(full * pairs,)](x, c, parts, block_a, block_b, n, full * span, x.stride(0), pairs,
                                                    RB=rb, BLOCK=block, SPAN=span, MASK_ROWS=masked_rows,
-                                                   MASK_COLS=False, num_warps=num_warps, **extra)
+                                                   MASK_COLS=False, CENTER=center is not None, num_warps=num_warps,
+                                                   **extra)
         if tail or not full:  # the ragged end (or an empty x): one masked stretch
-            _kernel[(pairs,)](x[:, full * span:], parts[full * pairs:], block_a, block_b, n, tail, x.stride(0),
-                              pairs, RB=rb, BLOCK=block, SPAN=span, MASK_ROWS=masked_rows, MASK_COLS=True,
-                              num_warps=num_warps, **extra)
+            c_tail = c[full * span:] if center is not None else c
+            _kernel[(pairs,)](x[:, full * span:], c_tail, parts[full * pairs:], block_a, block_b, n, tail,
+                              x.stride(0), pairs, RB=rb, BLOCK=block, SPAN=span, MASK_ROWS=masked_rows,
+                              MASK_COLS=True, CENTER=center is not None, num_warps=num_warps, **extra)
     summed = parts.view(-1, pairs * rb * rb).sum(dim=0, dtype=torch.float64)
     return summed[where]
 
@@ -172,6 +196,16 @@ def _combine(x_ptr, c_ptr, out_ptr, length, stride_row,  # type: ignore[no-untyp
 
 
 _combine_kernel = triton.jit(_combine) if triton is not None else None
+_uniform: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def mean_triton(x: Tensor) -> Tensor:
+    """The mean of the rows, ``x``'s dtype (as :func:`combine_triton` with ``1/n``; the coefficients are
+    kept on the device, so that no copy from the host waits for the GPU in a loop over blocks)."""
+    key = (x.shape[0], x.device)
+    if key not in _uniform:
+        _uniform[key] = torch.full((x.shape[0],), 1.0 / x.shape[0], dtype=torch.float32, device=x.device)
+    return combine_triton(_uniform[key], x)
 
 
 def combine_triton(coef: Tensor, x: Tensor, block: int = BLOCK_C, num_warps: int = NUM_WARPS) -> Tensor:

@@ -93,3 +93,67 @@ def flag(x: np.ndarray, r: int, max_iter: int, eps: float, lam: float = 0.0,
             break
     assert best is not None
     return sum(best @ (best.T @ v) for v in xs) / r
+
+
+# --- the order statistics to the bit ---------------------------------------------------------------
+# The definitions that the torch paths and the Triton kernels of algorithms/aggregation/order_kernels.py
+# share (see its docstring), written once more with numpy scalars in the input's precision, one
+# coordinate at a time: np.sort (NaN last), each operation rounded as IEEE arithmetic in that dtype,
+# sums in float32 in ascending order, one division.
+
+
+def _acc_dtype(dtype: np.dtype) -> type:
+    return np.float64 if dtype == np.float64 else np.float32
+
+
+def _exact_median(s: np.ndarray) -> np.generic:
+    """The median of a sorted column: the middle value, or the two middle ones added, then halved."""
+    n = len(s)
+    lo, hi = s[(n - 1) // 2], s[n // 2]
+    if n % 2:
+        return lo
+    return (lo + hi) * s.dtype.type(0.5)
+
+
+def _exact_mean(values: list[np.generic], dtype: np.dtype) -> np.generic:
+    acc_type = _acc_dtype(dtype)
+    acc = acc_type(values[0])
+    for v in values[1:]:
+        acc = acc_type(acc + acc_type(v))
+    return dtype.type(acc / acc_type(len(values)))
+
+
+def exact_median(x: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN, as on the device
+        return np.array([_exact_median(np.sort(x[:, j])) for j in range(x.shape[1])], dtype=x.dtype)
+
+
+def exact_trimmed_mean(x: np.ndarray, f: int) -> np.ndarray:
+    n, d = x.shape
+    with np.errstate(invalid="ignore"):
+        return np.array([_exact_mean(list(np.sort(x[:, j])[f:n - f]), x.dtype) for j in range(d)], dtype=x.dtype)
+
+
+def exact_bulyan_step(x: np.ndarray, rows: list[int], f: int) -> np.ndarray:
+    """Over the rows ``rows``: of each sorted column, drop 2f times the end farther from the median (the
+    upper one on a tie, or when a distance is NaN), average what is left; NaN where the median is."""
+    out = np.empty(x.shape[1], dtype=x.dtype)
+    with np.errstate(invalid="ignore"):
+        for j in range(x.shape[1]):
+            out[j] = _exact_bulyan_column(np.sort(x[rows, j]), f)
+    return out
+
+
+def _exact_bulyan_column(s: np.ndarray, f: int) -> np.generic:
+    med = _exact_median(s)
+    if np.isnan(med):
+        return med
+    dist = [abs(v - med) for v in s]
+    left, right = 0, len(s) - 1
+    for _ in range(2 * f):
+        if dist[left] > dist[right]:
+            left += 1
+        else:
+            right -= 1
+    return _exact_mean(list(s[left:right + 1]), s.dtype)
+

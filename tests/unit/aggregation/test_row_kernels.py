@@ -1,4 +1,5 @@
-"""The Triton kernels (raw Gram, linear combination) against float64 and torch's bmm/matmul paths.
+"""The Triton kernels (raw and centred Gram, linear combination) against float64 and torch's bmm/matmul
+paths.
 
 On CPU the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1`` has to be set before
 Triton compiles anything, hence the subprocess); on a CUDA machine the compiled kernel is checked
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from algorithms.aggregation import base, row_kernels
-from algorithms.aggregation.registry import build
+from tests.unit.aggregation.hopper import compile_for_hopper, needs_hopper_compiler
 
 ROOT = Path(__file__).resolve().parents[3]
 needs_triton = pytest.mark.skipif(row_kernels.triton is None, reason="Triton is not installed")
@@ -28,8 +29,26 @@ CASES = [(1, 300, 1024), (2, 40_000, 1024), (5, 40_000, 2048), (8, 16_384, 1024)
          (16, 70_000, row_kernels.SPAN)]
 
 
+def check_centred(x: torch.Tensor, span: int) -> None:
+    """The centred Gram (every row minus the rows' mean, as it is loaded) within fp32 rounding of float64
+    for the same centre, and its distances within fp32 rounding of torch's centred path."""
+    n, d = x.shape
+    center = row_kernels.mean_triton(x)
+    assert center.shape == (d,) and torch.allclose(center.cpu().double(), x.cpu().double().mean(0), atol=1e-4)
+    got = row_kernels.gram_triton(x, span=span, center=center).cpu()
+    y = x.cpu().double() - center.cpu().double()
+    want = y @ y.T
+    scale = want.diagonal().sqrt()
+    rel = (got - want).abs() / (scale[:, None] * scale[None, :]).clamp_min(1e-30)
+    assert torch.equal(got, got.T) and float(rel.max()) < 1e-5, (n, d, span, float(rel.max()))
+    if n > 1 and d:
+        d2_kernel = base.distances_from_gram(got)
+        d2_torch = base.distances_from_gram(base.gram(x.cpu(), centered=True))
+        assert float((d2_kernel - d2_torch).abs().max()) <= 1e-5 * float(d2_torch.max()), (n, d)
+
+
 def check_cases(device: str) -> None:
-    """Every case: the kernel within fp32 rounding of float64, and of the bmm path."""
+    """Every case: the kernels within fp32 rounding of float64, and of the bmm path."""
     g = torch.Generator().manual_seed(0)
     for n, d, span in CASES:
         wide = torch.randn(n, d + 7, generator=g) * 3 + 1
@@ -44,6 +63,8 @@ def check_cases(device: str) -> None:
         assert float(rel.max()) < 1e-5, (n, d, span, float(rel.max()))
         with_bmm = base.gram(x.cpu(), centered=False)  # CPU tensors take the bmm path
         assert float(((got - with_bmm).abs() / (scale[:, None] * scale[None, :]).clamp_min(1e-30)).max()) < 1e-5
+        if device == "cuda" or n * d <= 400_000:  # the interpreter is slow: there, the smaller cases
+            check_centred(x, span)
         coef = torch.randn(n, generator=g, dtype=torch.float64)
         for block in (256, 2048):
             value = row_kernels.combine_triton(coef, x, block=block).cpu()
@@ -66,6 +87,16 @@ def test_kernel_under_the_interpreter() -> None:
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
+@needs_hopper_compiler
+@pytest.mark.parametrize("center,mask_cols", [(False, False), (True, False), (True, True)])
+def test_gram_kernel_compiles_for_hopper(center: bool, mask_cols: bool, tmp_path: Path) -> None:
+    signature = {"x_ptr": "*fp32", "c_ptr": "*fp32", "out_ptr": "*fp32", "block_a_ptr": "*i32", "block_b_ptr": "*i32",
+                 "n": "i32", "length": "i32", "stride_row": "i32", "pairs": "i32"}
+    constants = {"RB": 8, "BLOCK": row_kernels.BLOCK, "SPAN": row_kernels.SPAN, "MASK_ROWS": True,
+                 "MASK_COLS": mask_cols, "CENTER": center}
+    assert " LOCAL:0 " in compile_for_hopper(row_kernels._kernel, signature, constants, tmp_path)  # no spills
+
+
 def test_cpu_tensors_take_torchs_path() -> None:
     assert not row_kernels.available(torch.zeros(4, 8))
     assert not row_kernels.available(torch.zeros(row_kernels.MAX_ROWS + 1, 8))
@@ -85,7 +116,10 @@ def test_compiled_kernel_on_cuda() -> None:
 def test_flag_agrees_with_and_without_the_kernel(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(n, 3_000_000, generator=g) + torch.randn(3_000_000, generator=g)).cuda()
-    agg = build("flag", f=(n - 1) // 4, chunk=1 << 20)
+    # the registry needs pydantic (the spec's models), which a bare GPU image may lack: the kernels' own
+    # checks above run there without it
+    registry = pytest.importorskip("algorithms.aggregation.registry")
+    agg = registry.build("flag", f=(n - 1) // 4, chunk=1 << 20)
     with_kernel = agg(x)
     monkeypatch.setattr(row_kernels, "ENABLED", False)
     without = agg(x)
