@@ -2,10 +2,16 @@
 
 A tick that fails (the database restarting, say) is retried with a growing pause, up to
 ``max_backoff_s``, and logged once per streak with its cause; the first good tick resets both.
+
+A submission or a cancel wakes the loop at once, but woken ticks start at least ``min_gap_s``
+apart: during a burst of submissions each pass (Ray's nodes, every queued run ordered and its
+waiting reason written) would otherwise run back to back in the API's process, taking the CPU
+from the requests it serves, while a pass every ``min_gap_s`` dispatches as much.
 """
 
 import logging
 import threading
+import time
 
 from service.reconciler import Reconciler
 from service.scheduler import Scheduler
@@ -15,10 +21,11 @@ log = logging.getLogger(__name__)
 
 class ControlLoop:
     def __init__(self, scheduler: Scheduler, reconciler: Reconciler, interval_s: float,
-                 max_backoff_s: float = 15.0) -> None:
+                 max_backoff_s: float = 15.0, min_gap_s: float = 0.5) -> None:
         self.scheduler = scheduler
         self.reconciler = reconciler
         self.interval_s = interval_s
+        self.min_gap_s = min(min_gap_s, interval_s)
         self.max_backoff_s = max(max_backoff_s, interval_s)
         self.failures = 0  # consecutive ticks with a failed part
         self._stop = threading.Event()
@@ -47,8 +54,10 @@ class ControlLoop:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            started = time.monotonic()
             self.tick()
             self._wake.wait(self.pause_s())
+            self._stop.wait(max(0.0, self.min_gap_s - (time.monotonic() - started)))  # a burst's wakes coalesce
             self._wake.clear()
 
     def wake(self) -> None:

@@ -298,3 +298,43 @@ def test_control_loop_backs_off_while_its_ticks_fail_and_resumes() -> None:
     assert pauses == [2.0, 4.0, 8.0, 15.0, 15.0, 15.0]
     part.fail = False
     assert loop.tick() is True and loop.pause_s() == 1.0
+
+
+def test_a_burst_of_wakes_coalesces_into_ticks_a_gap_apart() -> None:
+    """Each submission wakes the loop; during a burst the passes still start min_gap_s apart."""
+    import time
+
+    from service.control import ControlLoop
+
+    class Part:
+        ticks: list[float] = []
+
+        def tick(self) -> int:
+            self.ticks.append(time.monotonic())
+            return 0
+
+    part = Part()
+    loop = ControlLoop(part, part, interval_s=30.0, min_gap_s=0.2)  # type: ignore[arg-type]
+    loop.start()
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # a wake every millisecond for a second
+            loop.wake()
+            time.sleep(0.001)
+    finally:
+        loop.stop()
+    starts = part.ticks[::2]  # the reconciler's and the scheduler's tick of each pass
+    assert 3 <= len(starts) <= 7  # one at start, then about one per 0.2 s: not a thousand
+    assert all(b - a >= 0.19 for a, b in zip(starts, starts[1:], strict=False))
+    # woken once after a quiet spell, the next pass comes at once (no gap to wait out)
+    quiet = ControlLoop(part, part, interval_s=30.0, min_gap_s=0.2)  # type: ignore[arg-type]
+    part.ticks.clear()
+    quiet.start()
+    try:
+        time.sleep(0.5)
+        woken = time.monotonic()
+        quiet.wake()
+        time.sleep(0.1)
+    finally:
+        quiet.stop()
+    assert len(part.ticks) >= 4 and part.ticks[2] - woken < 0.08
