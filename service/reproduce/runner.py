@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from service.client import TERMINAL, Client
+from service.report.stats import short
 from service.reproduce.manifest import Claim, Manifest, load, render
 from service.reproduce.verdict import ClaimResult, TrialValues, judge
 
@@ -116,7 +117,7 @@ def claims_html(manifest: Manifest, results: list[ClaimResult], *, quick: bool) 
         rows = ["<tr><th>cell</th><th>method</th><th>baseline</th><th>n</th><th>mean difference</th>"
                 "<th>95% half-width</th><th>outcome</th></tr>"]
         for cmp in res.comparisons:
-            cell = ", ".join(f"{_short(k)}={v}" for k, v in cmp.cell.items()) or "all"
+            cell = ", ".join(f"{short(k)}={v}" for k, v in cmp.cell.items()) or "all"
             base = ", ".join(f"{v}" for v in cmp.baseline.values())
             method = ", ".join(f"{v}" for v in cmp.method.values())
             half = "-" if math.isinf(cmp.half_width) else f"{cmp.half_width:.4f}"
@@ -125,12 +126,6 @@ def claims_html(manifest: Manifest, results: list[ClaimResult], *, quick: bool) 
                         f"<td>{mean}</td><td>{half}</td><td>{esc(cmp.outcome)}</td></tr>")
         parts.append("<table>" + "".join(rows) + "</table>")
     return "\n".join(parts)
-
-
-def _short(path: str) -> str:
-    """``faults.byzantine.attack.name`` -> ``attack``: the last part that is not ``name``."""
-    parts = path.split(".")
-    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
 
 
 def judge_all(manifest: Manifest, trials: list[TrialValues]) -> list[ClaimResult]:
